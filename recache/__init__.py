@@ -1,0 +1,3 @@
+"""recache: budgeted caching schedules for diffusion transformers."""
+
+__version__ = "0.1.0"

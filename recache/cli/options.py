@@ -1,0 +1,73 @@
+"""Argument types shared by subcommands: each rejects a bad value with a message naming it and what is allowed."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+def digit_classes(text: str) -> list[int]:
+    """``all`` or a comma-separated list of digits 0-9."""
+    if text == "all":
+        return list(range(10))
+    classes = []
+    for part in text.split(","):
+        try:
+            c = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"class {part!r} is not a digit 0-9 (or use 'all')") from None
+        if not 0 <= c <= 9:
+            raise argparse.ArgumentTypeError(f"class {c} is outside 0-9")
+        classes.append(c)
+    return classes
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="mnist-dit", help="embedded model name or a saved model folder (default: mnist-dit)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="number of sampler steps T (default: 50)")
+    parser.add_argument("--guidance", type=nonnegative_float, default=None, help="CFG scale (default: the model's own)")
+    parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+
+
+def add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    from recache.mechanisms import MECHANISMS
+
+    parser.add_argument("--budget", type=positive_int, default=None, help="full passes k of T (uniform schedule)")
+    parser.add_argument("--schedule", default=None, help="a schedule JSON file (from search, a policy, or by hand)")
+    parser.add_argument("--mechanism", choices=list(MECHANISMS), default="reuse", help="what fills cached steps (default: reuse)")
+
+
+def resolve_schedule(args: argparse.Namespace, pipe):
+    """The schedule a run asked for: a file, a uniform one for ``--budget``, or None for uncached sampling."""
+    from recache.errors import RecacheError
+    from recache.schedule import Schedule, check_budget
+
+    if args.schedule is not None:
+        if args.budget is not None:
+            raise RecacheError("give either --budget or --schedule, not both")
+        return Schedule.load(args.schedule, T=pipe.steps, model=pipe.model_id)
+    if args.budget is None:
+        return None
+    check_budget(args.budget, pipe.steps)
+    return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=args.mechanism, sigmas=pipe.sigma_schedule)

@@ -1,0 +1,39 @@
+"""``recache pretrain dit|classifier``: reproduce the embedded models' committed weights and model cards."""
+
+from __future__ import annotations
+
+import argparse
+
+from recache.cli.options import positive_int
+from recache.models.dit import DIT_CONFIGS
+from recache.models.pretrained import WEIGHTS_DIR
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="train the embedded DiT or digit classifier from scratch")
+    which = p.add_subparsers(dest="which", required=True)
+    dit = which.add_parser("dit", help="the class-conditional flow-matching DiT (about 12 min on 2 cores)")
+    dit.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-dit"), help="output folder (default: the shipped weights)")
+    dit.add_argument("--architecture", choices=list(DIT_CONFIGS), default="DiT-T/4")
+    dit.add_argument("--steps", type=positive_int, default=3500, help="optimiser updates (default: 3500)")
+    dit.add_argument("--seed", type=int, default=0)
+    dit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    clf = which.add_parser("classifier", help="the digit classifier (about 2 min on 2 cores)")
+    clf.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-classifier"), help="output folder (default: the shipped weights)")
+    clf.add_argument("--epochs", type=positive_int, default=30)
+    clf.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.which == "dit":
+        from recache.models.train_dit import train_dit
+
+        info = train_dit(args.out, architecture=args.architecture, steps=args.steps, seed=args.seed, resume=args.resume)
+    else:
+        from recache.models.train_classifier import train_classifier
+
+        info = train_classifier(args.out, epochs=args.epochs, seed=args.seed)
+    print(", ".join(f"{k}={v}" for k, v in info.items() if k != "data"))
+    print(f"saved to {args.out} (model card: {args.out}/MODEL_CARD.md)")
+    return 0

@@ -1,0 +1,48 @@
+"""Results as files a person reads: JSONL rows (one per sample) and a Markdown summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import torch
+
+from recache.evaluation.evaluate import METRICS
+from recache.io import atomic_path
+from recache.metrics import mean_and_se
+
+LOWER_IS_BETTER = {"rel_l2": True, "psnr": False, "ssim": False, "feature_distance": True, "class_correct": False}
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (policy, mechanism, k): mean and standard error of each metric, realised passes, cost."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["policy"], r["mechanism"], r["k"])].append(r)
+    out = []
+    for (policy, mechanism, k), rs in groups.items():
+        entry = {"policy": policy, "mechanism": mechanism, "k": k, "T": rs[0]["T"], "n": len(rs),
+                 "realised_k": sum(r["full_passes"] for r in rs) / len(rs),
+                 "flops_reduction": rs[0]["flops_reduction"], "speedup": rs[0]["speedup"]}
+        for m in METRICS:
+            entry[m], entry[m + "_se"] = mean_and_se(torch.tensor([r[m] for r in rs]))
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["k"], e["mechanism"], e["policy"]))
+
+
+def markdown_table(summary: list[dict]) -> str:
+    head = ("| policy | mechanism | k / T | realised k | FLOPs red. | speed-up | rel. L2 | PSNR (dB) | SSIM | "
+            "feature dist. | class acc. |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for e in summary:
+        cells = [f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr" else f"{e[m]:.2f} ± {e[m + '_se']:.2f}" for m in METRICS[:-1]]
+        cells.append(f"{e['class_correct']:.1%}")
+        lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:g} | {e['flops_reduction']:.2f}x | "
+                     f"{e['speedup']:.2f}x | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,26 @@
+"""Caching mechanisms, one file each: what fills a step that does not run the full network."""
+
+from __future__ import annotations
+
+from recache.errors import RecacheError
+from recache.mechanisms.base import CacheableModel, Mechanism
+from recache.mechanisms.delta import Delta
+from recache.mechanisms.hicache import HiCache
+from recache.mechanisms.reuse import Reuse
+from recache.mechanisms.step_skip import StepSkip
+from recache.mechanisms.taylorseer import TaylorSeer
+
+MECHANISMS: dict[str, type[Mechanism]] = {m.name: m for m in (StepSkip, Reuse, Delta, TaylorSeer, HiCache)}
+
+
+def get_mechanism(name: str, **options) -> Mechanism:
+    """A fresh mechanism by its id (``step-skip``, ``reuse``, ``delta``, ``taylorseer``, ``hicache``)."""
+    if name not in MECHANISMS:
+        raise RecacheError(f"unknown mechanism {name!r}; choose one of {', '.join(MECHANISMS)}")
+    try:
+        return MECHANISMS[name](**options)
+    except (TypeError, ValueError) as e:
+        raise RecacheError(f"bad options for mechanism {name!r}: {e}") from None
+
+
+__all__ = ["CacheableModel", "MECHANISMS", "Mechanism", "get_mechanism"]

@@ -1,0 +1,74 @@
+"""What a caching mechanism is: per-row state filled at computed steps and used at cached steps.
+
+The model is seen through the adapter protocol (``embed(x, sigma, cond) -> (h, c)``, ``blocks``,
+``final(h, c)``). Rows are batch rows, so each CFG branch and each rollout of a batched call has its own
+state. ``rows`` is an index tensor, or ``slice(None)`` when every row takes the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Protocol
+
+import torch
+
+Rows = torch.Tensor | slice
+
+
+class TransformerBlock(Protocol):
+    def __call__(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor: ...
+
+
+class CacheableModel(Protocol):
+    """A diffusion transformer seen as embedding -> blocks -> final layer, conditioned per step by ``c``."""
+
+    blocks: Sequence[TransformerBlock]
+
+    def embed(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor: ...
+
+
+def run_blocks(blocks: Sequence[TransformerBlock], h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        h = block(h, c)
+    return h
+
+
+class Mechanism:
+    """Base class. Subclasses implement ``record`` (after a full pass) and ``cached_pass``."""
+
+    name: ClassVar[str]
+    reuses_output: ClassVar[bool] = False  # True only for step-skip: it reuses the model output itself
+
+    def reset(self, rows: int, steps: int) -> None:
+        """Drop all state before a sampling call with ``rows`` batch rows and ``steps`` steps."""
+        self.rows, self.total_steps = rows, steps
+
+    def full_pass(self, step: int, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+        """Run every block on these rows and record what the mechanism keeps."""
+        h_out = run_blocks(blocks, h, c)
+        self.record(step, rows, h, h_out)
+        return h_out
+
+    def record(self, step: int, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def cached_pass(self, step: int, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+        """The block stack's output for rows that do not compute at ``step``."""
+        raise NotImplementedError
+
+
+class RowState:
+    """A lazily allocated per-row tensor ``(rows, *shape)`` written and read through row indices."""
+
+    def __init__(self, rows: int):
+        self.rows, self.value = rows, None
+
+    def write(self, rows: Rows, value: torch.Tensor) -> None:
+        if self.value is None:
+            self.value = value.new_zeros((self.rows, *value.shape[1:]))
+        self.value[rows] = value
+
+    def read(self, rows: Rows) -> torch.Tensor:
+        return self.value[rows]

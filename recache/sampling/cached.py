@@ -1,0 +1,92 @@
+"""Cached sampling: run a compute schedule with a mechanism, one schedule per batch row.
+
+``CachedVelocity`` wraps a model in the adapter protocol and has the same call signature as the model, so the
+ordinary Euler sampler (and CFG) drive it unchanged. At step ``i`` the rows whose mask computes run the block
+stack together; the other rows are filled by the mechanism. With every row computing, the computation is
+exactly the model's own forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recache.mechanisms.base import CacheableModel, Mechanism
+from recache.sampling.euler import GuidedVelocity, sample_euler
+from recache.schedule import Schedule
+
+
+class CachedVelocity:
+    """``v(x, sigma, cond)`` following ``masks`` (rows x T booleans, 1 = compute) with ``mechanism``.
+
+    Called once per sampler step; ``reset()`` before each sampling call. A batch of ``m * rows`` rows (CFG
+    doubles the batch) uses the masks tiled ``m`` times. ``full_passes`` counts, per row, the steps on which
+    the block stack really ran.
+    """
+
+    def __init__(self, model: CacheableModel, masks: torch.Tensor, mechanism: Mechanism):
+        self.model, self.masks, self.mechanism = model, masks.bool(), mechanism
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.full_passes = 0, None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        rows, T = x.shape[0], self.masks.shape[1]
+        if rows % self.masks.shape[0]:
+            raise ValueError(f"batch of {rows} rows does not tile {self.masks.shape[0]} masks")
+        if self.step >= T:
+            raise RuntimeError(f"called for step {self.step} but the masks have T={T}; call reset() between samplings")
+        if self.step == 0:
+            self.mechanism.reset(rows, T)
+            self.full_passes = torch.zeros(rows, dtype=torch.long)
+        compute = self.masks[:, self.step].repeat(rows // self.masks.shape[0])
+        v = self._velocity(x, sigma, cond, compute)
+        self.full_passes += compute
+        self.step += 1
+        return v
+
+    def _velocity(self, x, sigma, cond, compute):
+        model, mech, step = self.model, self.mechanism, self.step
+        everyone = bool(compute.all())
+        if mech.reuses_output:  # step-skip: the model output itself is reused
+            if everyone:
+                v = model(x, sigma, cond)
+                mech.record_output(slice(None), v)
+                return v
+            v = mech.cached_output(slice(None)).clone()
+            idx = compute.nonzero().squeeze(1)
+            if len(idx):
+                v[idx] = model(x[idx], sigma, cond[idx])
+                mech.record_output(idx, v[idx])
+            return v
+        h, c = model.embed(x, sigma, cond)
+        if everyone:
+            h = mech.full_pass(step, slice(None), h, c, model.blocks)
+        else:
+            out = torch.empty_like(h)
+            idx, rest = compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)
+            if len(idx):
+                out[idx] = mech.full_pass(step, idx, h[idx], c[idx], model.blocks)
+            out[rest] = mech.cached_pass(step, rest, h[rest], c[rest], model.blocks)
+            h = out
+        return model.final(h, c)
+
+
+def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:
+    schedules = [schedules] if isinstance(schedules, Schedule) else schedules
+    if len({s.T for s in schedules}) != 1:
+        raise ValueError("all schedules of one call must have the same T")
+    return torch.stack([s.as_tensor() for s in schedules])
+
+
+@torch.no_grad()
+def sample_cached(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor,
+                  mechanism: Mechanism, guidance: float = 1.0, null_cond: int | None = None,
+                  callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample with per-row compute masks; returns the samples and each row's realised number of full passes."""
+    if masks.shape[1] != len(sigmas) - 1:
+        raise ValueError(f"masks have T={masks.shape[1]} steps but the sigma grid has {len(sigmas) - 1}")
+    cached = CachedVelocity(model, masks, mechanism)
+    velocity = GuidedVelocity(cached, guidance, null_cond if null_cond is not None else model.null_class)
+    out = sample_euler(velocity, noise, sigmas, cond, callback=callback)
+    return out, cached.full_passes[: noise.shape[0]]

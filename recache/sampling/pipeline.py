@@ -1,0 +1,94 @@
+"""``DigitPipeline``: the embedded DiT with its sigma grid and guidance, as one callable (diffusers-style)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from recache.errors import RecacheError
+from recache.mechanisms import Mechanism, get_mechanism
+from recache.models.dit import DiT
+from recache.models.pretrained import load_dit, read_config
+from recache.sampling.cached import masks_of, sample_cached
+from recache.sampling.euler import GuidedVelocity, sample_euler
+from recache.sampling.sigmas import SIGMA_SCHEDULES, get_sigmas
+from recache.schedule import Schedule
+
+
+@dataclass
+class DigitPipeline:
+    """A class-conditional DiT, its ``sigmas`` (T + 1 values) and CFG ``guidance``; ``pipe(classes, seeds)`` samples."""
+
+    model: DiT
+    sigmas: torch.Tensor
+    guidance: float
+    model_id: str = "mnist-dit"
+    sigma_schedule: str = "linear"
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder: str = "mnist-dit", steps: int | None = None, guidance: float | None = None,
+                        sigmas: str | None = None) -> DigitPipeline:
+        """Load a model; ``steps``, ``guidance`` and ``sigmas`` default to the values in its ``config.json``."""
+        defaults = read_config(name_or_folder).get("sampling", {})
+        sigmas = sigmas or defaults.get("sigmas", "linear")
+        if sigmas not in SIGMA_SCHEDULES:
+            raise RecacheError(f"unknown sigma schedule {sigmas!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
+        steps = steps if steps is not None else defaults.get("steps", 50)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise RecacheError(f"the number of steps must be a whole number >= 1, got {steps!r}")
+        guidance = float(guidance if guidance is not None else defaults.get("guidance", 1.0))
+        return cls(load_dit(name_or_folder), get_sigmas(sigmas, steps), guidance, os.fspath(name_or_folder), sigmas)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def velocity(self) -> GuidedVelocity:
+        """The guided velocity ``v(x, sigma, classes)``; its model call is where caching hooks in."""
+        return GuidedVelocity(self.model, self.guidance, self.model.null_class)
+
+    def noise(self, seeds: list[int] | torch.Tensor) -> torch.Tensor:
+        """One standard-normal image per seed, each from its own generator, so a sample never depends on its batch."""
+        c, s = self.model.config.in_channels, self.model.config.image_size
+        return torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
+
+    def check_classes(self, classes: torch.Tensor) -> torch.Tensor:
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        bad = classes[(classes < 0) | (classes >= self.model.config.num_classes)]
+        if len(bad):
+            raise RecacheError(f"class {bad[0].item()} is outside 0-{self.model.config.num_classes - 1}")
+        return classes
+
+    @torch.no_grad()
+    def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, callback=None) -> torch.Tensor:
+        """Uncached samples (N, C, H, W) in about [-1, 1] for ``classes[i]`` drawn from the noise of ``seeds[i]``."""
+        classes = self.check_classes(classes)
+        if len(seeds) != len(classes):
+            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
+        return sample_euler(self.velocity, self.noise(seeds), self.sigmas, classes, callback=callback)
+
+    @torch.no_grad()
+    def rollout(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, schedules: list[Schedule],
+                mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every schedule on every (class, seed) pair in one batched call: rows ``g * B + b`` hold schedule ``g`` on
+        pair ``b``. Returns samples (G, B, C, H, W) and realised full passes (G, B)."""
+        classes = self.check_classes(classes)
+        if len(seeds) != len(classes):
+            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
+        for schedule in schedules:
+            if schedule.T != self.steps:
+                raise RecacheError(f"schedule has T={schedule.T} steps but the sampler runs {self.steps}")
+        mechanism = get_mechanism(mechanism) if isinstance(mechanism, str) else mechanism
+        G, B = len(schedules), len(classes)
+        masks = masks_of(schedules).repeat_interleave(B, dim=0)
+        noise = self.noise(seeds).repeat(G, 1, 1, 1)
+        out, passes = sample_cached(self.model, noise, self.sigmas, classes.repeat(G), masks, mechanism, self.guidance)
+        return out.view(G, B, *out.shape[1:]), passes.view(G, B)
+
+    def sample_with(self, schedule: Schedule, mechanism: str | Mechanism, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached samples (B, C, H, W) under one schedule, and each sample's realised full passes."""
+        out, passes = self.rollout(classes, seeds, [schedule], mechanism)
+        return out[0], passes[0]

@@ -1,0 +1,130 @@
+"""``Schedule``: which of the T sampler steps run the full network (mask 1 = compute, as cache-dit's
+``steps_computation_mask``). Exactly ``k`` ones; step 0 is always computed, since nothing is cached before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from recache.errors import RecacheError
+from recache.io import write_json
+
+FORMAT = "recache.schedule/v1"
+_METADATA_KEYS = ("sigmas", "model", "mechanism", "source")
+
+
+def check_budget(k: int, T: int) -> None:
+    """A budget is a whole number of full passes in 1..T."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise RecacheError(f"the number of steps T must be a whole number >= 1, got {T!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
+        raise RecacheError(f"budget k={k!r} is not allowed: use a whole number of full passes from 1 to T={T}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A compute mask over T steps plus metadata (sigma grid, model id, mechanism, source policy)."""
+
+    mask: tuple[bool, ...]
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        mask = tuple(bool(m) for m in self.mask)
+        object.__setattr__(self, "mask", mask)
+        if not mask:
+            raise RecacheError("a schedule needs at least one step")
+        if not mask[0]:
+            raise RecacheError("step 0 must be computed (mask[0] = 1): nothing is cached before it")
+
+    @property
+    def T(self) -> int:
+        return len(self.mask)
+
+    @property
+    def k(self) -> int:
+        return sum(self.mask)
+
+    @property
+    def steps(self) -> list[int]:
+        """The computed steps, in order."""
+        return [i for i, m in enumerate(self.mask) if m]
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.mask, dtype=torch.bool)
+
+    def with_metadata(self, **metadata) -> Schedule:
+        return Schedule(self.mask, {**self.metadata, **metadata})
+
+    def __str__(self) -> str:
+        return f"Schedule(T={self.T}, k={self.k}, steps={self.steps})"
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_steps(cls, T: int, steps: Sequence[int], **metadata) -> Schedule:
+        steps = sorted(set(int(s) for s in steps))
+        if any(not 0 <= s < T for s in steps):
+            raise RecacheError(f"computed steps {steps} must lie in 0..{T - 1}")
+        return cls(tuple(i in steps for i in range(T)), metadata)
+
+    @classmethod
+    def uniform(cls, T: int, k: int, **metadata) -> Schedule:
+        """Evenly spread: ``{round(j (T-1) / (k-1)) : j = 0..k-1}`` (the native schedule of FORA and TaylorSeer)."""
+        check_budget(k, T)
+        steps = [0] if k == 1 else [round(j * (T - 1) / (k - 1)) for j in range(k)]
+        return cls.from_steps(T, steps, source="uniform", **metadata)
+
+    @classmethod
+    def full(cls, T: int, **metadata) -> Schedule:
+        return cls((True,) * T, {"source": "full", **metadata})
+
+    # --- interchange --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "T": self.T, "k": self.k, "mask": [int(m) for m in self.mask], **self.metadata}
+
+    def to_cache_dit(self) -> dict:
+        """Keyword arguments for cache-dit's ``DBCacheConfig``: a static mask that forces each 0 to be cached."""
+        return {"steps_computation_mask": [int(m) for m in self.mask], "steps_computation_policy": "static"}
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Schedule:
+        if not isinstance(data, dict) or not isinstance(data.get("mask"), list):
+            raise RecacheError("a schedule needs a 'mask' list of 0/1")
+        mask = data["mask"]
+        if any(m not in (0, 1) or isinstance(m, float) for m in mask):
+            raise RecacheError("schedule mask values must be 0 or 1")
+        schedule = cls(tuple(bool(m) for m in mask), {k: data[k] for k in _METADATA_KEYS if k in data})
+        for key, value in (("T", schedule.T), ("k", schedule.k)):
+            if key in data and data[key] != value:
+                raise RecacheError(f"schedule says {key}={data[key]!r} but its mask has {key}={value}")
+        return schedule
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, T: int | None = None, model: str | None = None) -> Schedule:
+        """Read a schedule file; ``T`` and ``model`` check that it was made for this sampler and model."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise RecacheError(f"schedule file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecacheError(f"schedule file {path} is not valid JSON ({e})") from None
+        except OSError as e:
+            raise RecacheError(f"schedule file {path} cannot be read ({e.strerror})") from None
+        try:
+            schedule = cls.from_dict(data)
+        except RecacheError as e:
+            raise RecacheError(f"schedule file {path}: {e}") from None
+        if T is not None and schedule.T != T:
+            raise RecacheError(f"schedule file {path} is for T={schedule.T} steps, but this run has T={T}")
+        made_for = schedule.metadata.get("model")
+        if model is not None and made_for is not None and made_for != model:
+            raise RecacheError(f"schedule file {path} was made for model {made_for!r}, not {model!r}")
+        return schedule

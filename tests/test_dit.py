@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from recache.models.dit import DIT_CONFIGS, DiT, DiTConfig
+from tests.conftest import TINY
+
+
+def test_forward_shape_and_stages(tiny_dit):
+    x = torch.randn(3, 1, 8, 8)
+    sigma, y = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0, 4, 10])
+    v = tiny_dit(x, sigma, y)
+    assert v.shape == x.shape
+    h, c = tiny_dit.embed(x, sigma, y)
+    assert h.shape == (3, 4, TINY.hidden_size) and c.shape == (3, TINY.hidden_size)
+    for block in tiny_dit.blocks:
+        h = block(h, c)
+    torch.testing.assert_close(tiny_dit.final(h, c), v, rtol=0, atol=0)
+
+
+def test_scalar_sigma_equals_broadcast_sigma(tiny_dit):
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    torch.testing.assert_close(tiny_dit(x, torch.tensor(0.3), y), tiny_dit(x, torch.full((4,), 0.3), y))
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    model = DiT(TINY).eval()
+    h = torch.randn(2, 4, TINY.hidden_size)
+    c = torch.randn(2, TINY.hidden_size)
+    for block in model.blocks:
+        torch.testing.assert_close(block(h, c), h)
+    assert model(torch.randn(2, 1, 8, 8), torch.tensor(0.5), torch.tensor([1, 2])).abs().max() == 0
+
+
+def test_patchify_keeps_pixels_in_their_patch():
+    """A change in one pixel may only change the output of that pixel's token after embedding."""
+    model = DiT(TINY).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    x2 = x.clone()
+    x2[0, 0, 5, 6] = 1.0  # row 5, column 6 -> token (1, 1) = index 3
+    h1, _ = model.embed(x, torch.tensor(0.5), torch.tensor([0]))
+    h2, _ = model.embed(x2, torch.tensor(0.5), torch.tensor([0]))
+    changed = (h1 - h2).abs().sum(-1)[0] > 0
+    assert changed.tolist() == [False, False, False, True]
+
+
+def test_registry_configs_build():
+    for name, config in DIT_CONFIGS.items():
+        assert config.image_size % config.patch_size == 0, name
+    assert DIT_CONFIGS["DiT-T/4"].depth >= 4
+
+
+@pytest.mark.parametrize("kwargs, word", [({"image_size": 10, "patch_size": 4}, "patch_size"), ({"hidden_size": 30, "num_heads": 4}, "num_heads")])
+def test_config_validation(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        DiTConfig(**kwargs)
