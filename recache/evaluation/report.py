@@ -44,5 +44,5 @@ def markdown_table(summary: list[dict]) -> str:
         cells = [f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr" else f"{e[m]:.2f} ± {e[m + '_se']:.2f}" for m in METRICS[:-1]]
         cells.append(f"{e['class_correct']:.1%}")
         lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:g} | {e['flops_reduction']:.2f}x | "
-                     f"{e['speedup']:.2f}x | " + " | ".join(cells) + " |")
+                     + (f"{e['speedup']:.2f}x | " if e["speedup"] else "n/a | ") + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"

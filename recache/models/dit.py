@@ -56,10 +56,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of a (batch,) tensor of timesteps (Vaswani et al. 2017; as in DiT)."""
+def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` of a (batch,) tensor of timesteps (Vaswani et al. 2017; as in DiT)."""
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -122,6 +125,7 @@ class DiT(nn.Module):
         self.grid = config.image_size // p
         self.patch_embed = nn.Linear(config.in_channels * p * p, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, d))
+        self.register_buffer("time_freqs", timestep_frequencies(256), persistent=False)
         self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.class_embed = nn.Embedding(config.num_classes + 1, d)  # last index: the null class
         self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
@@ -155,7 +159,7 @@ class DiT(nn.Module):
         patches = x.view(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)
         h = self.patch_embed(patches) + self.pos_embed
         sigma = sigma.reshape(-1)  # a scalar sigma (sampling) is embedded once and broadcast over the batch
-        c = self.time_embed(timestep_embedding(sigma * 1000.0, 256)) + self.class_embed(y)
+        c = self.time_embed(timestep_embedding(sigma * 1000.0, self.time_freqs)) + self.class_embed(y)
         return h, F.silu(c)
 
     def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -39,20 +39,23 @@ class CachedVelocity:
         if self.step == 0:
             self.mechanism.reset(rows, T)
             self.full_passes = torch.zeros(rows, dtype=torch.long)
-        compute = self.masks[:, self.step].repeat(rows // self.masks.shape[0])
-        v = self._velocity(x, sigma, cond, compute)
+            self._compute = self.masks.repeat(rows // self.masks.shape[0], 1).t().contiguous()  # (T, rows)
+            self._all, self._any = self._compute.all(1).tolist(), self._compute.any(1).tolist()
+        compute = self._compute[self.step]
+        v = self._velocity(x, sigma, cond, compute, self._all[self.step], self._any[self.step])
         self.full_passes += compute
         self.step += 1
         return v
 
-    def _velocity(self, x, sigma, cond, compute):
+    def _velocity(self, x, sigma, cond, compute, everyone, anyone):
         model, mech, step = self.model, self.mechanism, self.step
-        everyone = bool(compute.all())
         if mech.reuses_output:  # step-skip: the model output itself is reused
             if everyone:
                 v = model(x, sigma, cond)
                 mech.record_output(slice(None), v)
                 return v
+            if not anyone:
+                return mech.cached_output(slice(None))
             v = mech.cached_output(slice(None)).clone()
             idx = compute.nonzero().squeeze(1)
             if len(idx):
@@ -62,6 +65,8 @@ class CachedVelocity:
         h, c = model.embed(x, sigma, cond)
         if everyone:
             h = mech.full_pass(step, slice(None), h, c, model.blocks)
+        elif not anyone:
+            h = mech.cached_pass(step, slice(None), h, c, model.blocks)
         else:
             out = torch.empty_like(h)
             idx, rest = compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)

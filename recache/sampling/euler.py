@@ -23,11 +23,14 @@ class GuidedVelocity:
 
     def __init__(self, model: Velocity, scale: float, null_cond: int):
         self.model, self.scale, self.null_cond = model, float(scale), null_cond
+        self._cond, self._both = None, None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.model(x, sigma, cond)
-        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, torch.cat([cond, torch.full_like(cond, self.null_cond)])).chunk(2)
+        if cond is not self._cond:  # the doubled condition is built once per sampling call, not once per step
+            self._cond, self._both = cond, torch.cat([cond, torch.full_like(cond, self.null_cond)])
+        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, self._both).chunk(2)
         return torch.lerp(v_uncond, v_cond, self.scale)
 
 
@@ -46,10 +49,10 @@ def sample_euler(
     call, where ``x`` is the state before the update and ``denoised = x - sigma * velocity`` the x0 estimate.
     """
     x = noise
+    steps = (sigmas[1:] - sigmas[:-1]).tolist()
     for i in trange(len(sigmas) - 1, disable=disable, desc="sampling"):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = model(x, sigma, cond)
+        v = model(x, sigmas[i], cond)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "velocity": v, "denoised": x - sigma * v})
-        x = x + (sigma_next - sigma) * v
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "velocity": v, "denoised": x - sigmas[i] * v})
+        x = torch.add(x, v, alpha=steps[i])
     return x
