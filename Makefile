@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sampling_speed.py
 	$(PY) bench/embedded_quality.py
+	$(PY) bench/caching_speed.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recache tests bench
