@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from recache.errors import RecacheError
+
 
 def get_sigmas_linear(steps: int) -> torch.Tensor:
     """``steps + 1`` evenly spaced sigmas from 1 to 0 (rectified flow; Liu et al. 2022)."""
@@ -17,7 +19,7 @@ def get_sigmas_shifted(steps: int, shift: float = 3.0) -> torch.Tensor:
     """Time-shifted grid ``shift*s / (1 + (shift-1)*s)`` of SD3 and FLUX (Esser et al. 2024), FLUX's ``mu = ln(shift)``."""
     _check_steps(steps)
     if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be a positive number, got {shift}")
+        raise RecacheError(f"shift must be a positive number, got {shift}")
     s = torch.linspace(1.0, 0.0, steps + 1)
     sigmas = shift * s / (1 + (shift - 1) * s)
     sigmas[0], sigmas[-1] = 1.0, 0.0  # exact endpoints despite rounding
@@ -30,10 +32,10 @@ SIGMA_SCHEDULES = {"linear": get_sigmas_linear, "shifted": get_sigmas_shifted}
 def get_sigmas(name: str, steps: int) -> torch.Tensor:
     """The grid called ``name`` (a key of ``SIGMA_SCHEDULES``) with ``steps`` steps."""
     if name not in SIGMA_SCHEDULES:
-        raise ValueError(f"unknown sigma schedule {name!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
+        raise RecacheError(f"unknown sigma schedule {name!r}; choose one of {', '.join(SIGMA_SCHEDULES)}")
     return SIGMA_SCHEDULES[name](steps)
 
 
 def _check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"the number of steps must be a whole number >= 1, got {steps!r}")
+        raise RecacheError(f"the number of steps must be a whole number >= 1, got {steps!r}")
