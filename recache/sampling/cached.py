@@ -58,20 +58,18 @@ class CachedVelocity:
                 return mech.cached_output(slice(None))
             v = mech.cached_output(slice(None)).clone()
             idx = compute.nonzero().squeeze(1)
-            if len(idx):
-                v[idx] = model(x[idx], sigma, cond[idx])
-                mech.record_output(idx, v[idx])
+            v[idx] = model(x[idx], sigma, cond[idx])
+            mech.record_output(idx, v[idx])
             return v
         h, c = model.embed(x, sigma, cond)
         if everyone:
             h = mech.full_pass(step, slice(None), h, c, model.blocks)
         elif not anyone:
             h = mech.cached_pass(step, slice(None), h, c, model.blocks)
-        else:
+        else:  # some rows compute: they run the blocks together, the others are filled by the mechanism
             out = torch.empty_like(h)
             idx, rest = compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)
-            if len(idx):
-                out[idx] = mech.full_pass(step, idx, h[idx], c[idx], model.blocks)
+            out[idx] = mech.full_pass(step, idx, h[idx], c[idx], model.blocks)
             out[rest] = mech.cached_pass(step, rest, h[rest], c[rest], model.blocks)
             h = out
         return model.final(h, c)
