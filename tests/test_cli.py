@@ -34,6 +34,7 @@ def _check_one_line(capsys, pattern):
     (["sample", "--guidance", "nan"], r"--guidance: nan is not a finite number"),
     (["sample", "--per-class", "0"], r"--per-class: 0 is not a whole number"),
     (["sample", "--budget", "0"], r"--budget: 0 is not a whole number >= 1"),
+    (["eval", "--timing-runs", "-1"], r"--timing-runs: -1 is not a whole number >= 0"),
     (["pretrain", "dit", "--architecture", "DiT-XXL"], r"invalid choice: 'DiT-XXL'"),
 ])
 def test_bad_arguments(capsys, argv, pattern):

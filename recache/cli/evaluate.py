@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from recache.cli.options import add_model_options, positive_int
+from recache.cli.options import add_model_options, nonnegative_int, positive_int
 from recache.errors import RecacheError
 from recache.evaluation import BUDGETS, evaluate, heldout_pairs, make_reference
 from recache.evaluation.plots import plot_quality_vs_budget
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mechanisms", type=_mechanisms, default=list(MECHANISMS), help="comma-separated, or all (default)")
     p.add_argument("--schedule", action="append", default=[], help="also evaluate this schedule file (repeatable)")
     p.add_argument("--per-class", type=positive_int, default=10, help="held-out pairs per class (default: 10)")
-    p.add_argument("--timing-runs", type=int, default=3, help="same-run timings per row for the speed-up; 0 skips (default: 3)")
+    p.add_argument("--timing-runs", type=nonnegative_int, default=3, help="same-run timings per row for the speed-up; 0 skips (default: 3)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     p.set_defaults(run=run)
 
@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", f"# Evaluation: {pipe.model_id}, T = {pipe.steps}, {len(seeds)} held-out pairs\n\n"
                "Mean ± standard error over the pairs; metrics against the uncached output from the same noise and class. "
-               "FLOPs reduction from torch's FLOP counter; speed-up = median of 3 same-run wall-clock ratios against uncached "
-               f"sampling of 16 images. Uncached sampling of the {len(seeds)} pairs took {ref.seconds:.2f} s.\n\n{table}")
+               "FLOPs reduction from torch's FLOP counter; speed-up = median of "
+               f"{args.timing_runs} same-run wall-clock ratios against uncached sampling of 16 images (n/a when 0). "
+               f"Uncached sampling of the {len(seeds)} pairs took {ref.seconds:.2f} s.\n\n{table}")
     plot_quality_vs_budget(summary, out / "quality_vs_budget.png")
     print(table)
     print(f"{len(rows)} rows -> {out}/rows.jsonl, table -> {out}/summary.md, plot -> {out}/quality_vs_budget.png")

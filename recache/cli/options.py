@@ -16,6 +16,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 0")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     try:
         value = float(text)

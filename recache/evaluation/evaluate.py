@@ -74,12 +74,14 @@ def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, s
     """One JSONL row per sample, and the per-sample metric tensors for paired comparisons.
     ``timing_runs = 0`` skips the wall-clock measurement (speed-up reported as None)."""
     images, passes = pipe.sample_with(schedule, get_mechanism(mechanism), ref.classes, ref.seeds)
-    speedup, seconds = measure_speedup(pipe, schedule, mechanism, runs=timing_runs) if timing_runs else (None, None)
+    speedup = seconds = None
+    if timing_runs:
+        speedup, seconds = (round(v, 4) for v in measure_speedup(pipe, schedule, mechanism, runs=timing_runs))
     flops = count_flops(pipe, schedule, mechanism)
     scores = score(images, ref, classifier)
     common = {"policy": policy, "mechanism": mechanism, "T": schedule.T, "k": schedule.k, "mask": [int(m) for m in schedule.mask],
               "flops": flops, "flops_reduction": round(ref.flops_per_sample / flops, 4),
-              "seconds_16": seconds and round(seconds, 4), "speedup": speedup and round(speedup, 4)}
+              "seconds_16": seconds, "speedup": speedup}
     rows = [{**common, "class": int(c), "seed": int(s), "full_passes": int(p),
              **{k: round(float(v[i]), 6) for k, v in scores.items()}}
             for i, (c, s, p) in enumerate(zip(ref.classes, ref.seeds, passes, strict=True))]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from recache.checkpoint import load_checkpoint, save_checkpoint
 from recache.data import load_mnist
+from recache.io import write_text
 from recache.models.dit import DIT_CONFIGS, DiT
 from recache.models.pretrained import save_pretrained
 from recache.sampling import GuidedVelocity, get_sigmas, sample_euler
@@ -90,8 +91,6 @@ def train_dit(out_dir: str | Path, architecture: str = "DiT-T/4", steps: int = 3
 
 
 def _write_card(out_dir: Path, info: dict) -> None:
-    from recache.io import write_text
-
     rows = "\n".join(f"| {k} | {v} |" for k, v in info.items())
     write_text(out_dir / "MODEL_CARD.md", f"""# mnist-dit: the embedded class-conditional DiT
 

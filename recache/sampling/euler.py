@@ -23,14 +23,12 @@ class GuidedVelocity:
 
     def __init__(self, model: Velocity, scale: float, null_cond: int):
         self.model, self.scale, self.null_cond = model, float(scale), null_cond
-        self._cond, self._both = None, None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.model(x, sigma, cond)
-        if cond is not self._cond:  # the doubled condition is built once per sampling call, not once per step
-            self._cond, self._both = cond, torch.cat([cond, torch.full_like(cond, self.null_cond)])
-        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, self._both).chunk(2)
+        both = torch.cat([cond, torch.full_like(cond, self.null_cond)])
+        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, both).chunk(2)
         return torch.lerp(v_uncond, v_cond, self.scale)
 
 

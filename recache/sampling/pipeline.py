@@ -51,19 +51,20 @@ class DigitPipeline:
         c, s = self.model.config.in_channels, self.model.config.image_size
         return torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
 
-    def check_classes(self, classes: torch.Tensor) -> torch.Tensor:
+    def check_pairs(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor) -> torch.Tensor:
+        """Classes as a tensor, after checking each is a class of the model and there is one seed per class."""
         classes = torch.as_tensor(classes, dtype=torch.long)
         bad = classes[(classes < 0) | (classes >= self.model.config.num_classes)]
         if len(bad):
             raise RecacheError(f"class {bad[0].item()} is outside 0-{self.model.config.num_classes - 1}")
+        if len(seeds) != len(classes):
+            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
         return classes
 
     @torch.no_grad()
     def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, callback=None) -> torch.Tensor:
         """Uncached samples (N, C, H, W) in about [-1, 1] for ``classes[i]`` drawn from the noise of ``seeds[i]``."""
-        classes = self.check_classes(classes)
-        if len(seeds) != len(classes):
-            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
+        classes = self.check_pairs(classes, seeds)
         return sample_euler(self.velocity, self.noise(seeds), self.sigmas, classes, callback=callback)
 
     @torch.no_grad()
@@ -71,9 +72,7 @@ class DigitPipeline:
                 mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
         """Every schedule on every (class, seed) pair in one batched call: rows ``g * B + b`` hold schedule ``g`` on
         pair ``b``. Returns samples (G, B, C, H, W) and realised full passes (G, B)."""
-        classes = self.check_classes(classes)
-        if len(seeds) != len(classes):
-            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
+        classes = self.check_pairs(classes, seeds)
         for schedule in schedules:
             if schedule.T != self.steps:
                 raise RecacheError(f"schedule has T={schedule.T} steps but the sampler runs {self.steps}")
