@@ -10,7 +10,7 @@ def test_forward_shape_and_stages(tiny_dit):
     sigma, y = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0, 4, 10])
     v = tiny_dit(x, sigma, y)
     assert v.shape == x.shape
-    h, c = tiny_dit.embed(x, sigma, y)
+    h, c = tiny_dit.embed(x), tiny_dit.condition(sigma, y)
     assert h.shape == (3, 4, TINY.hidden_size) and c.shape == (3, TINY.hidden_size)
     for block in tiny_dit.blocks:
         h = block(h, c)
@@ -20,6 +20,14 @@ def test_forward_shape_and_stages(tiny_dit):
 def test_scalar_sigma_equals_broadcast_sigma(tiny_dit):
     x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
     torch.testing.assert_close(tiny_dit(x, torch.tensor(0.3), y), tiny_dit(x, torch.full((4,), 0.3), y))
+
+
+def test_condition_of_a_sigma_grid_equals_each_step(tiny_dit):
+    sigmas, y = torch.linspace(1, 0.1, 5), torch.tensor([0, 3, 10])
+    grid = tiny_dit.condition(sigmas.view(-1, 1), y)
+    assert grid.shape == (5, 3, TINY.hidden_size)
+    for i, sigma in enumerate(sigmas):
+        torch.testing.assert_close(grid[i], tiny_dit.condition(sigma, y), rtol=0, atol=1e-6)
 
 
 def test_adaln_zero_blocks_start_as_identity():
@@ -37,8 +45,7 @@ def test_patchify_keeps_pixels_in_their_patch():
     x = torch.zeros(1, 1, 8, 8)
     x2 = x.clone()
     x2[0, 0, 5, 6] = 1.0  # row 5, column 6 -> token (1, 1) = index 3
-    h1, _ = model.embed(x, torch.tensor(0.5), torch.tensor([0]))
-    h2, _ = model.embed(x2, torch.tensor(0.5), torch.tensor([0]))
+    h1, h2 = model.embed(x), model.embed(x2)
     changed = (h1 - h2).abs().sum(-1)[0] > 0
     assert changed.tolist() == [False, False, False, True]
 

@@ -1,7 +1,7 @@
 """What a caching mechanism is: per-row state filled at computed steps and used at cached steps.
 
-The model is seen through the adapter protocol (``embed(x, sigma, cond) -> (h, c)``, ``blocks``,
-``final(h, c)``). Rows are batch rows, so each CFG branch and each rollout of a batched call has its own
+The model is seen through the adapter protocol (``embed(x) -> h``, ``condition(sigma, cond) -> c``,
+``blocks``, ``final(h, c)``). Rows are batch rows, so each CFG branch and each rollout of a batched call has its own
 state. ``rows`` is an index tensor, or ``slice(None)`` when every row takes the same path.
 """
 
@@ -20,11 +20,17 @@ class TransformerBlock(Protocol):
 
 
 class CacheableModel(Protocol):
-    """A diffusion transformer seen as embedding -> blocks -> final layer, conditioned per step by ``c``."""
+    """A diffusion transformer seen as embedding -> blocks -> final layer, conditioned per step by ``c``.
+
+    ``condition`` broadcasts the shape of ``sigma`` against that of ``cond``: with a (T, 1) grid it returns the
+    conditioning of every step at once, which cached sampling computes once per call (a cached step then costs
+    only the embedding, the mechanism and the final layer)."""
 
     blocks: Sequence[TransformerBlock]
 
-    def embed(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def condition(self, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
 
     def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor: ...
 

@@ -5,8 +5,8 @@ Patchify -> adaLN-Zero blocks -> final adaLN layer, conditioned on the noise lev
 rectified-flow velocity ``v = noise - x0`` (Liu et al. 2022; Esser et al. 2024), so ``x_sigma = (1 - sigma) x0 +
 sigma noise``.
 
-The three stages are public because caching acts between them (see the adapter protocol):
-``embed(x, sigma, y) -> (h, c)``, ``blocks[i](h, c) -> h``, ``final(h, c) -> v``.
+The stages are public because caching acts between them (see the adapter protocol): ``embed(x) -> h``,
+``condition(sigma, y) -> c``, ``blocks[i](h, c) -> h``, ``final(h, c) -> v``.
 """
 
 from __future__ import annotations
@@ -153,14 +153,17 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def embed(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``h`` (batch, tokens, hidden) and the activated conditioning ``c`` (batch, hidden)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``h`` (batch, tokens, hidden) of the noisy image ``x``."""
         b, ch, p, g = x.shape[0], self.config.in_channels, self.config.patch_size, self.grid
         patches = x.view(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)
-        h = self.patch_embed(patches) + self.pos_embed
-        sigma = sigma.reshape(-1)  # a scalar sigma (sampling) is embedded once and broadcast over the batch
-        c = self.time_embed(timestep_embedding(sigma * 1000.0, self.time_freqs)) + self.class_embed(y)
-        return h, F.silu(c)
+        return self.patch_embed(patches) + self.pos_embed
+
+    def condition(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The activated conditioning ``c = silu(temb(sigma) + yemb(y))``; ``sigma``'s shape broadcasts against ``y``'s:
+        a scalar gives (batch, hidden), a (T, 1) grid gives every step's conditioning at once, (T, batch, hidden)."""
+        temb = self.time_embed(timestep_embedding(sigma.reshape(-1) * 1000.0, self.time_freqs))
+        return F.silu(temb.view(*sigma.shape, -1) + self.class_embed(y))
 
     def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: tokens -> velocity image (batch, channels, size, size)."""
@@ -169,7 +172,7 @@ class DiT(nn.Module):
         return out.permute(0, 5, 1, 3, 2, 4).reshape(h.shape[0], ch, g * p, g * p)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h, c = self.embed(x, sigma, y)
+        h, c = self.embed(x), self.condition(sigma, y)
         for block in self.blocks:
             h = block(h, c)
         return self.final(h, c)

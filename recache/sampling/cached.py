@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import CacheableModel, Mechanism
+from recache.mechanisms.base import CacheableModel, Mechanism, run_blocks
 from recache.sampling.euler import GuidedVelocity, sample_euler
 from recache.schedule import Schedule
 
@@ -18,13 +18,22 @@ from recache.schedule import Schedule
 class CachedVelocity:
     """``v(x, sigma, cond)`` following ``masks`` (rows x T booleans, 1 = compute) with ``mechanism``.
 
-    Called once per sampler step; ``reset()`` before each sampling call. A batch of ``m * rows`` rows (CFG
-    doubles the batch) uses the masks tiled ``m`` times. ``full_passes`` counts, per row, the steps on which
-    the block stack really ran.
+    Called once per sampler step, at step ``i`` with ``sigmas[i]``; ``reset()`` before each sampling call. A batch
+    of ``m * rows`` rows (CFG doubles the batch) uses the masks tiled ``m`` times. ``full_passes`` counts, per row,
+    the steps on which the block stack really ran. The conditioning of all T steps is computed in one batch on
+    the first call (it does not depend on ``x``). Without ``masks`` every step computes: that is the uncached
+    sampler, on the same code path, so a full budget reproduces it bit for bit.
     """
 
-    def __init__(self, model: CacheableModel, masks: torch.Tensor, mechanism: Mechanism):
-        self.model, self.masks, self.mechanism = model, masks.bool(), mechanism
+    def __init__(self, model: CacheableModel, sigmas: torch.Tensor, masks: torch.Tensor | None = None, mechanism: Mechanism | None = None):
+        T = len(sigmas) - 1
+        masks = torch.ones(1, T, dtype=torch.bool) if masks is None else masks.bool()
+        if masks.shape[1] != T:
+            raise ValueError(f"masks have T={masks.shape[1]} steps but the sigma grid has {T}")
+        if mechanism is None and not masks.all():
+            raise ValueError("a schedule with cached steps needs a mechanism")
+        self.model, self.masks, self.mechanism = model, masks, mechanism
+        self.sigmas = sigmas[:T].reshape(-1, 1)
         self.reset()
 
     def reset(self) -> None:
@@ -37,31 +46,34 @@ class CachedVelocity:
         if self.step >= T:
             raise RuntimeError(f"called for step {self.step} but the masks have T={T}; call reset() between samplings")
         if self.step == 0:
-            self.mechanism.reset(rows, T)
+            if self.mechanism is not None:
+                self.mechanism.reset(rows, T)
             self.full_passes = torch.zeros(rows, dtype=torch.long)
             self._compute = self.masks.repeat(rows // self.masks.shape[0], 1).t().contiguous()  # (T, rows)
             self._all, self._any = self._compute.all(1).tolist(), self._compute.any(1).tolist()
+            self._conditions = self.model.condition(self.sigmas, cond)  # (T, rows, ...)
         compute = self._compute[self.step]
-        v = self._velocity(x, sigma, cond, compute, self._all[self.step], self._any[self.step])
+        v = self._velocity(x, self._conditions[self.step], compute, self._all[self.step], self._any[self.step])
         self.full_passes += compute
         self.step += 1
         return v
 
-    def _velocity(self, x, sigma, cond, compute, everyone, anyone):
+    def _velocity(self, x, c, compute, everyone, anyone):
         model, mech, step = self.model, self.mechanism, self.step
+        if mech is None:
+            return model.final(run_blocks(model.blocks, model.embed(x), c), c)
         if mech.reuses_output:  # step-skip: the model output itself is reused
-            if everyone:
-                v = model(x, sigma, cond)
-                mech.record_output(slice(None), v)
-                return v
             if not anyone:
                 return mech.cached_output(slice(None))
+            rows = slice(None) if everyone else compute.nonzero().squeeze(1)
+            v_rows = model.final(run_blocks(model.blocks, model.embed(x[rows]), c[rows]), c[rows])
+            mech.record_output(rows, v_rows)
+            if everyone:
+                return v_rows
             v = mech.cached_output(slice(None)).clone()
-            idx = compute.nonzero().squeeze(1)
-            v[idx] = model(x[idx], sigma, cond[idx])
-            mech.record_output(idx, v[idx])
+            v[rows] = v_rows
             return v
-        h, c = model.embed(x, sigma, cond)
+        h = model.embed(x)
         if everyone:
             h = mech.full_pass(step, slice(None), h, c, model.blocks)
         elif not anyone:
@@ -83,13 +95,12 @@ def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_cached(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor,
-                  mechanism: Mechanism, guidance: float = 1.0, null_cond: int | None = None,
+def sample_cached(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None,
+                  mechanism: Mechanism | None = None, guidance: float = 1.0, null_cond: int | None = None,
                   callback=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample with per-row compute masks; returns the samples and each row's realised number of full passes."""
-    if masks.shape[1] != len(sigmas) - 1:
-        raise ValueError(f"masks have T={masks.shape[1]} steps but the sigma grid has {len(sigmas) - 1}")
-    cached = CachedVelocity(model, masks, mechanism)
+    """Sample with per-row compute masks (none: the uncached sampler); returns the samples and each row's
+    realised number of full passes."""
+    cached = CachedVelocity(model, sigmas, masks, mechanism)
     velocity = GuidedVelocity(cached, guidance, null_cond if null_cond is not None else model.null_class)
     out = sample_euler(velocity, noise, sigmas, cond, callback=callback)
     return out, cached.full_passes[: noise.shape[0]]

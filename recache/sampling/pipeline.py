@@ -12,7 +12,7 @@ from recache.mechanisms import Mechanism, get_mechanism
 from recache.models.dit import DiT
 from recache.models.pretrained import load_dit, read_config
 from recache.sampling.cached import masks_of, sample_cached
-from recache.sampling.euler import GuidedVelocity, sample_euler
+from recache.sampling.euler import GuidedVelocity
 from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule
 
@@ -65,7 +65,7 @@ class DigitPipeline:
     def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, callback=None) -> torch.Tensor:
         """Uncached samples (N, C, H, W) in about [-1, 1] for ``classes[i]`` drawn from the noise of ``seeds[i]``."""
         classes = self.check_pairs(classes, seeds)
-        return sample_euler(self.velocity, self.noise(seeds), self.sigmas, classes, callback=callback)
+        return sample_cached(self.model, self.noise(seeds), self.sigmas, classes, guidance=self.guidance, callback=callback)[0]
 
     @torch.no_grad()
     def rollout(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, schedules: list[Schedule],
