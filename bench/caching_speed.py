@@ -47,6 +47,13 @@ def main() -> None:
     measured = {m: measure_speedup(pipe, schedule, m, batch=args.batch, runs=args.runs) for m in MECHANISMS}
     speedups = {m: v[0] for m, v in measured.items()}
 
+    # Cost of one full and one cached step (reuse), from samplings with one and two computed steps.
+    classes, seeds = torch.arange(args.batch) % 10, list(range(args.batch))
+    one, two = Schedule.from_steps(T, [0]), Schedule.from_steps(T, [0, T // 2])
+    t_one = statistics.median(timed(lambda: pipe.sample_with(one, "reuse", classes, seeds)) for _ in range(7))
+    t_two = statistics.median(timed(lambda: pipe.sample_with(two, "reuse", classes, seeds)) for _ in range(7))
+    full_step, cached_step = t_two - t_one, (t_one - (t_two - t_one)) / (T - 1)
+
     rng = random.Random(0)
     group = [random_schedule(T, k, rng) for _ in range(args.group)]
     one_class, one_seed = torch.tensor([3]), [900_000]
@@ -58,6 +65,8 @@ def main() -> None:
               "median_s": {m: round(v[1], 4) for m, v in measured.items()},
               "speedup": {m: round(v, 3) for m, v in speedups.items()},
               "fraction_of_ideal": {m: round(v / (T / k), 3) for m, v in speedups.items()},
+              "full_step_ms": round(1e3 * full_step, 3), "cached_step_ms": round(1e3 * cached_step, 3),
+              "bound_of_ideal": round(full_step / (full_step + (T / k - 1) * cached_step), 3),
               "rollout_group": args.group, "rollout_batched_s": round(statistics.median(batched), 4),
               "rollout_separate_s": round(statistics.median(separate), 4),
               "rollout_gain": round(statistics.median(s / b for s, b in zip(separate, batched, strict=True)), 2)}
@@ -65,6 +74,8 @@ def main() -> None:
     print(f"| mechanism | k / T | median (s) | speed-up | of ideal {T / k:g}x |\n|---|---|---|---|---|")
     for m in MECHANISMS:
         print(f"| {m} | {k} / {T} | {result['median_s'][m]:.3f} | {speedups[m]:.2f}x | {result['fraction_of_ideal'][m]:.1%} |")
+    print(f"\none full step {result['full_step_ms']:.2f} ms, one cached step (reuse) {result['cached_step_ms']:.3f} ms: "
+          f"at best {result['bound_of_ideal']:.1%} of the ideal {T / k:g}x while cached steps cost that much")
     print(f"\nbatched rollouts, G = {args.group} schedules, one (class, seed) pair, taylorseer: "
           f"{result['rollout_batched_s']:.3f} s batched vs {result['rollout_separate_s']:.3f} s separate "
           f"({result['rollout_gain']:.1f}x)")

@@ -105,7 +105,7 @@ def test_schedule_file_errors(capsys, tmp_path):
     assert main(["eval", "--schedule", str(other), "--budgets", "5", "--out", str(tmp_path / "ev")]) == 2
     _check_one_line(capsys, r"is for T=20 steps, but this run has T=50")
     assert main(["sample", "--schedule", str(other), "--budget", "3", "--steps", "20", "--out", str(tmp_path / "x.png")]) == 2
-    _check_one_line(capsys, r"either --budget or --schedule")
+    _check_one_line(capsys, r"either --schedule or --budget")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -114,7 +114,7 @@ def test_sample_with_budget_reports_realised_passes(capsys, tmp_path):
     assert main(["sample", "--budget", "4", "--steps", "12", "--mechanism", "taylorseer", "--classes", "2", "--per-class", "2",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "realised full passes per sample: 4 (taylorseer, computed steps [0, 4, 7, 11])" in text
+    assert "realised full passes per sample: 4 (taylorseer, uniform schedule, computed steps [0, 4, 7, 11])" in text
     assert out.is_file()
 
 
@@ -139,3 +139,84 @@ def test_eval_output_not_writable(capsys, tmp_path):
     blocker.write_text("")
     assert main(["eval", "--budgets", "5", "--mechanisms", "reuse", "--out", str(blocker / "sub")]) == 2
     _check_one_line(capsys, r"output folder .* is not writable")
+
+
+@pytest.fixture
+def policy_folder(tmp_path):
+    """An untrained (uniform Plackett-Luce) policy for T = 10, budgets 2-6: enough to test the command line."""
+    from recache.policies import ReCacheConfig, ReCachePolicy
+
+    folder = tmp_path / "policy"
+    ReCachePolicy(ReCacheConfig(T=10, k_min=2, k_max=6, mechanism="hicache")).save_pretrained(folder)
+    return folder
+
+
+def test_sample_and_eval_with_a_policy(capsys, tmp_path, policy_folder):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--policy", str(policy_folder), "--budget", "4", "--steps", "10", "--classes", "3", "--per-class", "1",
+                 "--out", str(out)]) == 0
+    assert "realised full passes per sample: 4 (hicache, recache schedule" in capsys.readouterr().out
+    ev = tmp_path / "ev"
+    assert main(["eval", "--steps", "10", "--budgets", "3,5", "--mechanisms", "reuse", "--policy", str(policy_folder),
+                 "--per-class", "1", "--timing-runs", "0", "--pairs", "calibration", "--out", str(ev)]) == 0
+    rows = [json.loads(line) for line in (ev / "rows.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["mechanism"]) for r in rows} == {("uniform", "reuse"), ("recache", "hicache")}
+    assert max(r["seed"] for r in rows) < 900_000
+    assert all(r["full_passes"] == r["k"] for r in rows)
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["paired"] == []  # the policy runs hicache, uniform only reuse: nothing to pair
+
+
+def test_eval_pairs_a_policy_with_uniform(capsys, tmp_path, policy_folder):
+    ev = tmp_path / "ev"
+    assert main(["eval", "--steps", "10", "--budgets", "4", "--mechanisms", "hicache", "--policy", str(policy_folder), "--nested",
+                 "--per-class", "1", "--timing-runs", "0", "--out", str(ev)]) == 0
+    paired = json.loads((ev / "summary.json").read_text())["paired"]
+    assert [(e["policy"], e["k"], e["n"]) for e in paired] == [("recache-nested", 4, 10)]
+    assert paired[0]["rel_l2"]["verdict"] in ("better", "worse", "tie")
+    assert "Paired against the uniform schedule" in (ev / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--budget", "9"], r"budget 9 is outside the policy's trained range 2-6; .*--allow-extrapolate"),
+    (["--budget", "4", "--mechanism", "reuse"], r"was trained for mechanism = hicache, not reuse"),
+    (["--budget", "4", "--steps", "12"], r"was trained for T = 10, not 12"),
+    ([], r"--policy needs --budget"),
+])
+def test_policy_errors(capsys, tmp_path, policy_folder, extra, pattern):
+    argv = ["sample", "--policy", str(policy_folder), "--steps", "10", *extra, "--out", str(tmp_path / "x.png")]
+    if "--steps" in extra:
+        argv = ["sample", "--policy", str(policy_folder), *extra, "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    _check_one_line(capsys, pattern)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_policy_extrapolation_when_allowed(capsys, tmp_path, policy_folder):
+    assert main(["sample", "--policy", str(policy_folder), "--steps", "10", "--budget", "8", "--allow-extrapolate", "--classes", "1",
+                 "--per-class", "1", "--out", str(tmp_path / "x.png")]) == 0
+    assert "realised full passes per sample: 8" in capsys.readouterr().out
+
+
+def test_missing_policy(capsys, tmp_path):
+    assert main(["sample", "--policy", str(tmp_path / "nope"), "--budget", "4", "--out", str(tmp_path / "x.png")]) == 2
+    _check_one_line(capsys, r"is not a policy folder \(config.json is missing\) nor a shipped policy")
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["train", "--alpha", "-1"], r"--alpha: -1 is not a finite number >= 0"),
+    (["train", "--lr", "0"], r"--lr: 0 is not a number > 0"),
+    (["train", "--fidelity", "lpip"], r"--fidelity: invalid choice: 'lpip'"),
+    (["train", "--updates", "0"], r"--updates: 0 is not a whole number >= 1"),
+])
+def test_bad_training_arguments(capsys, argv, pattern):
+    _fails(capsys, argv, pattern)
+
+
+def test_train_refuses_bad_settings_before_writing(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--group", "1", "--out", str(out)]) == 2
+    _check_one_line(capsys, r"group must be >= 2")
+    assert main(["train", "--k-max", "60", "--out", str(out)]) == 2
+    _check_one_line(capsys, r"budget k=60 is not allowed")
+    assert not out.exists()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from recache.cli.options import add_model_options, nonnegative_int, positive_int
+from recache.cli.options import add_model_options, add_policy_options, load_policy, nonnegative_int, positive_int
 from recache.errors import RecacheError
-from recache.evaluation import BUDGETS, evaluate, heldout_pairs, make_reference
+from recache.evaluation import BUDGETS, calibration_pairs, evaluate, heldout_pairs, make_reference
 from recache.evaluation.plots import plot_quality_vs_budget
-from recache.evaluation.report import markdown_table, summarize, write_jsonl
+from recache.evaluation.report import markdown_paired_table, markdown_table, paired_comparison, summarize, write_jsonl
 from recache.io import write_json, write_text
 from recache.mechanisms import MECHANISMS
 from recache.models.pretrained import load_classifier
@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", type=_int_list, default=list(BUDGETS), help="uniform-schedule budgets (default: 5,7,10,14,20)")
     p.add_argument("--mechanisms", type=_mechanisms, default=list(MECHANISMS), help="comma-separated, or all (default)")
     p.add_argument("--schedule", action="append", default=[], help="also evaluate this schedule file (repeatable)")
+    p.add_argument("--policy", action="append", default=[],
+                   help="also evaluate a trained policy (folder or shipped name) at every budget, with its own mechanism (repeatable)")
+    add_policy_options(p)
+    p.add_argument("--pairs", choices=("heldout", "calibration"), default="heldout",
+                   help="held-out seeds (default), or the calibration seeds policies are trained on, to see overfitting")
     p.add_argument("--per-class", type=positive_int, default=10, help="held-out pairs per class (default: 10)")
     p.add_argument("--timing-runs", type=nonnegative_int, default=3, help="same-run timings per row for the speed-up; 0 skips (default: 3)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
@@ -51,24 +56,34 @@ def run(args: argparse.Namespace) -> int:
     pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     for k in args.budgets:
         check_budget(k, pipe.steps)
-    jobs = [("uniform", Schedule.uniform(pipe.steps, k)) for k in args.budgets]
-    jobs += [(f"file:{Path(f).stem}", Schedule.load(f, T=pipe.steps, model=pipe.model_id)) for f in args.schedule]
+    jobs = [("uniform", Schedule.uniform(pipe.steps, k), args.mechanisms) for k in args.budgets]
+    jobs += [(f"file:{Path(f).stem}", Schedule.load(f, T=pipe.steps, model=pipe.model_id), args.mechanisms) for f in args.schedule]
+    policies = [(name, load_policy(name, pipe)) for name in args.policy]
+    shared = len({p.config.mechanism for _, p in policies}) < len(policies)  # then the labels name the policies
+    for name, policy in policies:
+        label = "recache" + ("-nested" if args.nested else "") + (f":{Path(name).name}" if shared else "")
+        jobs += [(label, policy.schedule(k, nested=args.nested, allow_extrapolate=args.allow_extrapolate), [policy.config.mechanism])
+                 for k in args.budgets]
     if not jobs:
         raise RecacheError("nothing to evaluate: give --budgets or --schedule")
     out = Path(args.out)
     _check_writable(out)
     classifier = load_classifier()
-    classes, seeds = heldout_pairs(args.per_class)
+    classes, seeds = heldout_pairs(args.per_class) if args.pairs == "heldout" else calibration_pairs(10 * args.per_class)
     ref = make_reference(pipe, classifier, classes, seeds)
     rows = []
-    for mechanism in tqdm(args.mechanisms, desc="mechanisms"):
-        for policy, schedule in jobs:
-            rows += evaluate(pipe, classifier, ref, schedule, mechanism, policy, args.timing_runs)[0]
+    runs = [(policy, schedule, mechanism) for policy, schedule, mechanisms in jobs for mechanism in mechanisms]
+    for policy, schedule, mechanism in tqdm(runs, desc="schedules"):
+        rows += evaluate(pipe, classifier, ref, schedule, mechanism, policy, args.timing_runs)[0]
     summary = summarize(rows)
     table = markdown_table(summary)
+    comparison = paired_comparison(rows)
+    if comparison:
+        table += "\nPaired against the uniform schedule at the same mechanism and budget (better / worse: beyond two paired " \
+                 "standard errors):\n\n" + markdown_paired_table(comparison)
     write_jsonl(out / "rows.jsonl", rows)
-    write_json(out / "summary.json", summary)
-    write_text(out / "summary.md", f"# Evaluation: {pipe.model_id}, T = {pipe.steps}, {len(seeds)} held-out pairs\n\n"
+    write_json(out / "summary.json", {"summary": summary, "paired": comparison})
+    write_text(out / "summary.md", f"# Evaluation: {pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs\n\n"
                "Mean ± standard error over the pairs; metrics against the uncached output from the same noise and class. "
                "FLOPs reduction from torch's FLOP counter; speed-up = median of "
                f"{args.timing_runs} same-run wall-clock ratios against uncached sampling of 16 images (n/a when 0). "

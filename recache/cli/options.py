@@ -49,32 +49,54 @@ def digit_classes(text: str) -> list[int]:
     return classes
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, seed_help: str = "seed of the initial noise (default: 0)") -> None:
     parser.add_argument("--model", default="mnist-dit", help="embedded model name or a saved model folder (default: mnist-dit)")
     parser.add_argument("--steps", type=positive_int, default=50, help="number of sampler steps T (default: 50)")
     parser.add_argument("--guidance", type=nonnegative_float, default=None, help="CFG scale (default: the model's own)")
     parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def add_policy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nested", action="store_true", help="with --policy: nested schedules, S(k) inside S(k+1)")
+    parser.add_argument("--allow-extrapolate", action="store_true", help="with --policy: allow budgets outside its trained range")
 
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:
     from recache.mechanisms import MECHANISMS
 
-    parser.add_argument("--budget", type=positive_int, default=None, help="full passes k of T (uniform schedule)")
+    parser.add_argument("--budget", type=positive_int, default=None, help="full passes k of T (uniform schedule, or the policy's)")
     parser.add_argument("--schedule", default=None, help="a schedule JSON file (from search, a policy, or by hand)")
-    parser.add_argument("--mechanism", choices=list(MECHANISMS), default="reuse", help="what fills cached steps (default: reuse)")
+    parser.add_argument("--policy", default=None, help="a trained policy folder (recache train): its schedule for --budget")
+    parser.add_argument("--mechanism", choices=list(MECHANISMS), default=None, help="what fills cached steps (default: the policy's, else reuse)")
+    add_policy_options(parser)
+
+
+def load_policy(folder: str, pipe, mechanism: str | None = None):
+    """A trained ReCache policy, checked against the pipeline's T and model (and ``mechanism`` when given)."""
+    from recache.policies import ReCachePolicy
+
+    return ReCachePolicy.from_pretrained(folder, T=pipe.steps, model=pipe.model_id, mechanism=mechanism)
 
 
 def resolve_schedule(args: argparse.Namespace, pipe):
-    """The schedule a run asked for: a file, a uniform one for ``--budget``, or None for uncached sampling."""
+    """The schedule a run asked for (a file, the policy's or a uniform one for ``--budget``, or None for uncached
+    sampling) and the mechanism to run it with."""
     from recache.errors import RecacheError
     from recache.schedule import Schedule, check_budget
 
+    if args.schedule is not None and (args.budget is not None or args.policy is not None):
+        raise RecacheError("give either --schedule or --budget (with or without --policy), not both")
+    if args.policy is not None:
+        if args.budget is None:
+            raise RecacheError("--policy needs --budget: the number of full passes to schedule")
+        policy = load_policy(args.policy, pipe, args.mechanism)
+        schedule = policy.schedule(args.budget, nested=args.nested, allow_extrapolate=args.allow_extrapolate)
+        return schedule, policy.config.mechanism
+    mechanism = args.mechanism or "reuse"
     if args.schedule is not None:
-        if args.budget is not None:
-            raise RecacheError("give either --budget or --schedule, not both")
-        return Schedule.load(args.schedule, T=pipe.steps, model=pipe.model_id)
+        return Schedule.load(args.schedule, T=pipe.steps, model=pipe.model_id), mechanism
     if args.budget is None:
-        return None
+        return None, mechanism
     check_budget(args.budget, pipe.steps)
-    return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=args.mechanism, sigmas=pipe.sigma_schedule)
+    return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=mechanism, sigmas=pipe.sigma_schedule), mechanism

@@ -24,15 +24,15 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
-    schedule = resolve_schedule(args, pipe)
+    schedule, mechanism = resolve_schedule(args, pipe)
     classes = torch.tensor(args.classes).repeat_interleave(args.per_class)
     seeds = [args.seed + i for i in range(len(classes))]
     start = time.perf_counter()
     if schedule is None:
         images, passes, how = pipe(classes, seeds), torch.full((len(classes),), pipe.steps), "uncached"
     else:
-        images, passes = pipe.sample_with(schedule, args.mechanism, classes, seeds)
-        how = f"{args.mechanism}, computed steps {schedule.steps}"
+        images, passes = pipe.sample_with(schedule, mechanism, classes, seeds)
+        how = f"{mechanism}, {schedule.metadata.get('source', 'schedule')} schedule, computed steps {schedule.steps}"
     seconds = time.perf_counter() - start
     grid = images.view(len(args.classes), args.per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
     save_image_grid(grid, args.out, nrow=len(args.classes))

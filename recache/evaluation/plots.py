@@ -17,21 +17,49 @@ LABELS = {"rel_l2": "relative L2 to uncached (lower is better)", "feature_distan
 
 
 def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike, metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
-    lines: dict[str, list[dict]] = defaultdict(list)
+    """Colour = mechanism, line style = policy (solid for the first policy in sorted order, e.g. recache before uniform)."""
+    lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in summary:
-        lines[f"{e['policy']} / {e['mechanism']}"].append(e)
+        lines[(e["policy"], e["mechanism"])].append(e)
+    mechanisms = sorted({m for _, m in lines})
+    policies = sorted({p for p, _ in lines})
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for label, entries in sorted(lines.items()):
+        for (policy, mechanism), entries in sorted(lines.items()):
             entries = sorted(entries, key=lambda e: e["k"])
             ax.errorbar([e["k"] for e in entries], [e[metric] for e in entries], yerr=[e[metric + "_se"] for e in entries],
-                        marker="o", ms=3, capsize=2, label=label)
+                        marker="o", ms=3, capsize=2, label=f"{policy} / {mechanism}", color=f"C{mechanisms.index(mechanism) % 10}",
+                        linestyle=styles[policies.index(policy) % len(styles)])
         ax.set_xlabel(f"budget k (full passes of T = {summary[0]['T']})")
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
         if metric in ("rel_l2", "feature_distance"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def plot_training_curve(log: list[dict], path: str | os.PathLike, window: int = 10) -> None:
+    """Reward, its fidelity and quality parts, and the policy entropy per update (thin: raw, thick: running mean)."""
+    keys = (("reward", "reward R"), ("fidelity", "fidelity D (lower is better)"), ("quality", "quality Q: log p(class)"),
+            ("entropy", "policy entropy (nats)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
+    updates = [row["update"] for row in log]
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        values = [row[key] for row in log]
+        ax.plot(updates, values, lw=0.6, alpha=0.4, color="C0")
+        ax.plot(updates, _smooth(values, window), lw=1.8, color="C0")
+        ax.set_xlabel("update")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

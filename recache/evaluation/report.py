@@ -46,3 +46,36 @@ def markdown_table(summary: list[dict]) -> str:
         lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:g} | {e['flops_reduction']:.2f}x | "
                      + (f"{e['speedup']:.2f}x | " if e["speedup"] else "n/a | ") + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def paired_comparison(rows: list[dict], baseline: str = "uniform", metrics=("rel_l2", "feature_distance")) -> list[dict]:
+    """Every other policy against ``baseline`` at the same mechanism and k, paired over the same (class, seed):
+    mean difference (policy - baseline), its paired standard error, and a verdict at two standard errors."""
+    by_key = defaultdict(dict)
+    for r in rows:
+        by_key[(r["policy"], r["mechanism"], r["k"])][(r["class"], r["seed"])] = r
+    out = []
+    for (policy, mechanism, k), samples in sorted(by_key.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
+        base = by_key.get((baseline, mechanism, k))
+        if policy == baseline or base is None or base.keys() != samples.keys():
+            continue
+        entry = {"policy": policy, "baseline": baseline, "mechanism": mechanism, "k": k, "n": len(samples)}
+        for m in metrics:
+            diff = torch.tensor([samples[p][m] - base[p][m] for p in samples], dtype=torch.float64)
+            mean, se = mean_and_se(diff)
+            better = -mean if LOWER_IS_BETTER[m] else mean
+            entry[m] = {"diff": mean, "se": se, "baseline": sum(b[m] for b in base.values()) / len(base),
+                        "verdict": "better" if better > 2 * se else "worse" if better < -2 * se else "tie"}
+        out.append(entry)
+    return out
+
+
+def markdown_paired_table(comparison: list[dict], metrics=("rel_l2", "feature_distance")) -> str:
+    head = "| policy | mechanism | k | " + " | ".join(f"{m}: baseline -> policy (paired diff ± SE)" for m in metrics) + " |\n"
+    head += "|---" * (3 + len(metrics)) + "|\n"
+    lines = []
+    for e in comparison:
+        cells = [f"{e[m]['baseline']:.4f} -> {e[m]['baseline'] + e[m]['diff']:.4f} ({e[m]['diff']:+.4f} ± {e[m]['se']:.4f}, "
+                 f"**{e[m]['verdict']}**)" for m in metrics]
+        lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""The schedule reward ``R = -D(x, x*) + alpha * Q(x, c)`` of ReCache (arXiv 2606.06060, Fig. 3).
+
+``D`` is the fidelity of the cached sample ``x`` to the uncached one ``x*`` from the same noise and condition,
+``Q`` the quality of ``x`` for its condition. The paper uses LPIPS and HPS with ``alpha = 7``; on the embedded
+digits, ``D`` is one of relative L2, ``1 - SSIM`` or the classifier's feature distance (LPIPS with the extra) and
+``Q`` is the classifier's log-probability of the intended class. ``alpha`` sets the scale between the two terms,
+so it has to be swept again for every choice of ``D`` and ``Q`` (``bench/recache_ablations.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from recache.errors import RecacheError
+from recache.metrics.fidelity import _unit, relative_l2, ssim
+from recache.models.classifier import DigitClassifier
+
+
+def _lpips() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    try:
+        import lpips  # the optional extra: pip install 'recache[lpips]'
+        net = lpips.LPIPS(net="alex", verbose=False).eval()
+    except Exception as e:  # missing package, or weights that cannot be downloaded here
+        raise RecacheError(f"LPIPS is not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           "install the 'lpips' extra with its weights, or use rel_l2, ssim or features") from None
+
+    def distance(x, ref):
+        return net(_unit(x).repeat(1, 3 // x.shape[1], 1, 1) * 2 - 1, _unit(ref).repeat(1, 3 // ref.shape[1], 1, 1) * 2 - 1).flatten()
+    return distance
+
+
+FIDELITIES = ("rel_l2", "ssim", "features", "lpips")
+
+
+@dataclass
+class Reward:
+    """Per-sample reward and its two parts; ``targets`` are uncached samples, ``target_features`` their classifier features."""
+
+    classifier: DigitClassifier
+    fidelity: str = "rel_l2"
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        if self.fidelity not in FIDELITIES:
+            raise RecacheError(f"unknown fidelity {self.fidelity!r}; choose from {', '.join(FIDELITIES)}")
+        if not self.alpha >= 0:
+            raise RecacheError(f"alpha must be >= 0 (the weight of the quality term), got {self.alpha}")
+        self._lpips = _lpips() if self.fidelity == "lpips" else None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor, target_features: torch.Tensor,
+                 classes: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.classifier.features(x)
+        if self.fidelity == "rel_l2":
+            distance = relative_l2(x, targets)
+        elif self.fidelity == "ssim":
+            distance = 1 - ssim(x, targets)
+        elif self.fidelity == "features":
+            distance = (features - target_features).norm(dim=1)
+        else:
+            distance = self._lpips(x, targets)
+        quality = self.classifier.head(features).log_softmax(-1).gather(1, classes[:, None])[:, 0]
+        return {"reward": -distance + self.alpha * quality, "fidelity": distance, "quality": quality}

@@ -1,0 +1,184 @@
+"""ReCache: one budget-conditioned schedule policy (Aliev et al. 2026, arXiv 2606.06060).
+
+``pi(S | k)``: a small MLP maps the budget embedding ``e(k) = [k/T, sin(2 pi j k/T), cos(2 pi j k/T), j = 1..4]`` to
+one logit per step. A k-subset is drawn by Gumbel-top-k, i.e. Plackett-Luce without replacement (Kool et al.
+2019): keys ``l_u + g_u`` over the candidates ``u = 1..T-1`` (step 0 is always computed), the schedule is step 0 and
+the first ``k - 1`` of the keys' descending order ``o``, and the score function is the log-probability of that
+ordering, ``sum_{j<k-1} [l_{o_j} - logsumexp(l_{o_j}, ..., l_{o_{T-1}})]``. At inference the schedule is the
+deterministic top-(k-1). The MLP size, the embedding and the zero-initialised last layer (training starts from
+the uniform distribution) are our choices; the paper does not publish them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from recache.errors import RecacheError
+from recache.io import write_json, write_safetensors
+from recache.schedule import Schedule, check_budget
+
+FREQUENCIES = 4
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped policies, by name: <model>-<mechanism>
+
+
+def shipped_policies() -> list[str]:
+    return sorted(config.parent.name for config in PRETRAINED_DIR.glob("*/config.json"))
+
+
+def resolve_policy(name_or_folder: str | Path) -> Path:
+    """A policy folder, or the folder of a shipped policy with that name."""
+    folder = Path(name_or_folder)
+    if (folder / "config.json").exists() or not (PRETRAINED_DIR / str(name_or_folder) / "config.json").exists():
+        return folder
+    return PRETRAINED_DIR / str(name_or_folder)
+
+
+@dataclass(frozen=True)
+class ReCacheConfig:
+    """What a policy is for (model, sigma grid, mechanism, T, budget range) and how it was trained."""
+
+    T: int = 50
+    k_min: int = 4
+    k_max: int = 25
+    hidden: int = 128
+    model: str = "mnist-dit"
+    sigmas: str = "linear"
+    mechanism: str = "taylorseer"
+    training: dict = field(default_factory=dict)  # reward, alpha, updates, seeds hash, library version, ...
+    fallback: list = field(default_factory=list)  # budgets whose learned schedule lost to uniform on calibration pairs
+
+    def __post_init__(self):
+        check_budget(self.k_min, self.T)
+        check_budget(self.k_max, self.T)
+        if self.k_min > self.k_max:
+            raise RecacheError(f"budget range {self.k_min}-{self.k_max} is empty")
+
+
+class ReCachePolicy(nn.Module):
+    """``logits(k)`` over the T steps; ``sample`` for training, ``schedule(k)`` for inference."""
+
+    def __init__(self, config: ReCacheConfig):
+        super().__init__()
+        self.config = config
+        width = 1 + 2 * FREQUENCIES
+        self.mlp = nn.Sequential(nn.Linear(width, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.hidden), nn.SiLU(),
+                                 nn.Linear(config.hidden, config.T - 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @property
+    def T(self) -> int:
+        return self.config.T
+
+    def budget_embedding(self, k: torch.Tensor) -> torch.Tensor:
+        u = k.float()[:, None] / self.T
+        j = torch.arange(1, FREQUENCIES + 1, dtype=torch.float32)
+        return torch.cat([u, torch.sin(2 * math.pi * j * u), torch.cos(2 * math.pi * j * u)], dim=1)
+
+    def logits(self, k: torch.Tensor) -> torch.Tensor:
+        """Logits (n, T - 1) of the candidate steps 1..T-1 for budgets ``k`` (n,)."""
+        return self.mlp(self.budget_embedding(k))
+
+    def sample(self, k: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one schedule per budget by Gumbel-top-k: compute masks (n, T) and log-probabilities (n,) of the
+        sampled orderings (differentiable in the policy's parameters)."""
+        logits = self.logits(k)
+        u = torch.rand(logits.shape, generator=generator).clamp_min(1e-12)
+        order = (logits.detach() - torch.log(-torch.log(u))).argsort(dim=1, descending=True)
+        chosen = torch.arange(self.T - 1)[None] < (k[:, None] - 1)
+        masks = torch.zeros(len(k), self.T, dtype=torch.bool)
+        masks[:, 0] = True
+        masks[:, 1:].scatter_(1, order, chosen)
+        return masks, self.log_prob(logits, order, k)
+
+    @staticmethod
+    def log_prob(logits: torch.Tensor, order: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Plackett-Luce log-probability of the first ``k - 1`` entries of each ordering."""
+        ranked = logits.gather(1, order)
+        tail = ranked.flip(1).logcumsumexp(1).flip(1)
+        chosen = torch.arange(order.shape[1])[None] < (k[:, None] - 1)
+        return ((ranked - tail) * chosen).sum(1)
+
+    def entropy(self, k: torch.Tensor) -> torch.Tensor:
+        """Entropy of the softmax over the candidates (the first Plackett-Luce draw), per budget."""
+        logp = self.logits(k).log_softmax(1)
+        return -(logp.exp() * logp).sum(1)
+
+    def check_budget(self, k: int, allow_extrapolate: bool = False) -> None:
+        check_budget(k, self.T)
+        lo, hi = self.config.k_min, self.config.k_max
+        if not (allow_extrapolate or lo <= k <= hi):
+            raise RecacheError(f"budget {k} is outside the policy's trained range {lo}-{hi}; use a budget in that range "
+                               "or allow extrapolation (--allow-extrapolate)")
+
+    @torch.no_grad()
+    def schedule(self, k: int, nested: bool = False, allow_extrapolate: bool = False, guarded: bool = True) -> Schedule:
+        """The deterministic schedule for budget ``k``: step 0 and the top-(k-1) logits, or the uniform schedule for
+        the budgets in ``config.fallback`` (where the learned one lost to it on calibration pairs; ``guarded=False``
+        ignores them).
+
+        ``nested=True`` builds the budgets greedily from ``k_min`` up (each adds its best step not yet taken), so
+        ``S(k)`` is inside ``S(k + 1)`` by construction, without fallbacks; below ``k_min`` it keeps the top of
+        ``S(k_min)``'s logits."""
+        self.check_budget(k, allow_extrapolate)
+        meta = {"source": "recache", "model": self.config.model, "mechanism": self.config.mechanism,
+                "sigmas": self.config.sigmas, "nested": nested}
+        if guarded and not nested and k in self.config.fallback:
+            return Schedule.uniform(self.T, k).with_metadata(**meta, fallback="uniform")
+        steps = self._nested_steps(k) if nested else (self.logits(torch.tensor([k]))[0].topk(k - 1).indices + 1).tolist()
+        return Schedule.from_steps(self.T, [0, *steps], **meta)
+
+    def _nested_steps(self, k: int) -> list[int]:
+        start = min(k, self.config.k_min)
+        steps = (self.logits(torch.tensor([start]))[0].topk(start - 1).indices + 1).tolist()
+        for budget in range(start + 1, k + 1):
+            logits = self.logits(torch.tensor([budget]))[0].clone()
+            logits[torch.tensor(steps, dtype=torch.long) - 1] = -math.inf
+            steps.append(int(logits.argmax()) + 1)
+        return steps
+
+    def nested_budgets(self) -> list[int]:
+        """Budgets ``k`` in the trained range whose learned top-k ``S(k)`` is not inside ``S(k + 1)`` (fallbacks ignored)."""
+        lo, hi = self.config.k_min, self.config.k_max
+        sets = {k: set(self.schedule(k, guarded=False).steps) for k in range(lo, hi + 1)}
+        return [k for k in range(lo, hi) if not sets[k] <= sets[k + 1]]
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """``model.safetensors`` and ``config.json`` (each written atomically)."""
+        folder = Path(folder)
+        write_safetensors(folder / "model.safetensors", {k: v.contiguous() for k, v in self.state_dict().items()})
+        write_json(folder / "config.json", {"policy": "recache", **asdict(self.config)})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, T: int | None = None, model: str | None = None,
+                        mechanism: str | None = None) -> ReCachePolicy:
+        """Load a policy (a folder or a shipped name); ``T``, ``model`` and ``mechanism``, when given, must match what
+        it was trained for."""
+        folder = resolve_policy(folder)
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+            if raw.pop("policy", None) != "recache":
+                raise ValueError("not a ReCache policy config")
+            config = ReCacheConfig(**raw)
+        except FileNotFoundError:
+            raise RecacheError(f"{folder} is not a policy folder (config.json is missing) nor a shipped policy: "
+                               f"{', '.join(shipped_policies()) or 'none shipped'}") from None
+        except (ValueError, TypeError) as e:
+            raise RecacheError(f"{folder}/config.json is not a valid ReCache policy config ({e})") from None
+        for what, want, have in (("T", T, config.T), ("model", model, config.model), ("mechanism", mechanism, config.mechanism)):
+            if want is not None and want != have:
+                raise RecacheError(f"policy {folder} was trained for {what} = {have}, not {want}")
+        policy = cls(config)
+        try:
+            policy.load_state_dict(load_file(folder / "model.safetensors"))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise RecacheError(f"policy weights {folder}/model.safetensors cannot be loaded ({str(e).splitlines()[0]})") from None
+        return policy.eval()

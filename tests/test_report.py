@@ -1,0 +1,30 @@
+import pytest
+
+from recache.evaluation.report import markdown_paired_table, paired_comparison, summarize
+
+
+def _rows(policy, rel_l2, mechanism="reuse", k=5):
+    return [{"policy": policy, "mechanism": mechanism, "k": k, "T": 50, "class": i % 10, "seed": 900_000 + i, "full_passes": k,
+             "flops_reduction": 10.0, "speedup": None, "rel_l2": v, "psnr": 30.0, "ssim": 0.9, "feature_distance": 2 * v,
+             "class_correct": 1.0} for i, v in enumerate(rel_l2)]
+
+
+def test_paired_comparison_verdicts():
+    base = [0.10, 0.20, 0.30, 0.40]
+    rows = _rows("uniform", base) + _rows("better", [v - 0.05 for v in base]) + _rows("same", [v + (-0.01) ** i for i, v in enumerate(base)])
+    rows += _rows("worse", [v + 0.02 + 0.001 * i for i, v in enumerate(base)])
+    by_policy = {e["policy"]: e for e in paired_comparison(rows)}
+    assert set(by_policy) == {"better", "same", "worse"}
+    assert by_policy["better"]["rel_l2"]["diff"] == pytest.approx(-0.05)
+    assert by_policy["better"]["rel_l2"]["se"] == pytest.approx(0.0, abs=1e-12)
+    assert by_policy["better"]["rel_l2"]["verdict"] == "better" and by_policy["better"]["feature_distance"]["verdict"] == "better"
+    assert by_policy["worse"]["rel_l2"]["verdict"] == "worse"
+    assert by_policy["same"]["rel_l2"]["verdict"] == "tie"
+    assert by_policy["better"]["rel_l2"]["baseline"] == pytest.approx(0.25)
+    assert "0.2500 -> 0.2000 (-0.0500 ± 0.0000, **better**)" in markdown_paired_table(paired_comparison(rows))
+
+
+def test_pairs_only_with_the_same_mechanism_budget_and_samples():
+    rows = _rows("uniform", [0.1, 0.2]) + _rows("mine", [0.1, 0.2], mechanism="delta") + _rows("mine", [0.1, 0.2], k=7)
+    assert paired_comparison(rows) == []
+    assert {(e["policy"], e["k"]) for e in summarize(rows)} == {("uniform", 5), ("mine", 5), ("mine", 7)}
