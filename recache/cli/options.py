@@ -33,6 +33,13 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not a number > 0")
+    return value
+
+
 def digit_classes(text: str) -> list[int]:
     """``all`` or a comma-separated list of digits 0-9."""
     if text == "all":

@@ -6,19 +6,12 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from recache.cli.options import add_model_options, nonnegative_float, positive_int
+from recache.cli.options import add_model_options, nonnegative_float, positive_float, positive_int
 from recache.evaluation.plots import plot_training_curve
 from recache.mechanisms import MECHANISMS
 from recache.metrics.reward import FIDELITIES
 from recache.policies.reinforce import LOG, POLICY, TrainConfig, read_log, train_recache
 from recache.sampling.pipeline import DigitPipeline
-
-
-def _positive_float(text: str) -> float:
-    value = nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not a number > 0")
-    return value
 
 
 def add_parser(sub) -> None:
@@ -31,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--updates", type=positive_int, default=d.updates, help=f"policy updates (default: {d.updates})")
     p.add_argument("--pairs", type=positive_int, default=d.pairs, help=f"(class, seed) pairs per update (default: {d.pairs})")
     p.add_argument("--group", type=positive_int, default=d.group, help=f"schedules per pair, G >= 2 (default: {d.group})")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
     p.add_argument("--entropy", type=nonnegative_float, default=d.entropy, help=f"entropy bonus, decayed to 0 (default: {d.entropy:g})")
     p.add_argument("--fidelity", choices=FIDELITIES, default=d.fidelity, help=f"distance to the uncached output (default: {d.fidelity})")
     p.add_argument("--alpha", type=nonnegative_float, default=d.alpha, help=f"weight of the classifier log-probability (default: {d.alpha:g})")

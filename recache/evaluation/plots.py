@@ -64,3 +64,46 @@ def plot_training_curve(log: list[dict], path: str | os.PathLike, window: int = 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def plot_search_history(history: list[dict], path: str | os.PathLike, uniform_loss: float | None = None) -> None:
+    """Loss of every evaluated schedule (dots, by phase) and the best so far (line), against evaluations."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, phase in enumerate(("init", "anneal", "climb")):
+        rows = [r for r in history if r["phase"] == phase]
+        ax.scatter([r["evaluation"] for r in rows], [r["loss"] for r in rows], s=6, alpha=0.5, color=f"C{i}", label=phase)
+    ax.plot([r["evaluation"] for r in history], [r["best_loss"] for r in history], color="k", lw=1.5, label="best so far")
+    if uniform_loss is not None:
+        ax.axhline(uniform_loss, color="gray", ls="--", lw=1, label="uniform schedule")
+    ax.set_yscale("log")
+    ax.set_xlabel("objective evaluations")
+    ax.set_ylabel("MSE to uncached, calibration pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_alignment(log: list[dict], base: list[float], computed: list[int], path: str | os.PathLike) -> None:
+    """Calibration loss per update, and the learned sigma grid against the base one (computed steps marked)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot([r["update"] for r in log], [r["loss"] for r in log], marker="o", ms=2)
+    left.set_yscale("log")
+    left.set_xlabel("update")
+    left.set_title("MSE to uncached, calibration pairs", fontsize=9)
+    left.grid(alpha=0.3)
+    best = min(log, key=lambda r: r["loss"])["sigmas"]
+    steps = range(len(base))
+    right.plot(steps, base, color="gray", ls="--", label="base grid")
+    right.plot(steps, best, color="C1", label="aligned grid")
+    right.scatter(computed, [best[i] for i in computed], color="C1", s=14, zorder=3, label="computed steps")
+    right.set_xlabel("step i")
+    right.set_title("sigma_i", fontsize=9)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

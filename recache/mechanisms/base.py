@@ -72,9 +72,10 @@ class RowState:
         self.rows, self.value = rows, None
 
     def write(self, rows: Rows, value: torch.Tensor) -> None:
+        """Store ``value`` for these rows, detached: gradients never flow back into the step that produced it."""
         if self.value is None:
             self.value = value.new_zeros((self.rows, *value.shape[1:]))
-        self.value[rows] = value
+        self.value[rows] = value.detach()
 
     def read(self, rows: Rows) -> torch.Tensor:
         return self.value[rows]

@@ -83,7 +83,8 @@ def train_dit(out_dir: str | Path, architecture: str = "DiT-T/4", steps: int = 3
                                          "training": info})
     y = torch.arange(10).repeat_interleave(8)
     noise = torch.randn(len(y), 1, 20, 20, generator=torch.Generator().manual_seed(2024))
-    grid = sample_euler(GuidedVelocity(ema, DEFAULT_GUIDANCE, ema.null_class), noise, get_sigmas("linear", 50), y)
+    with torch.no_grad():
+        grid = sample_euler(GuidedVelocity(ema, DEFAULT_GUIDANCE, ema.null_class), noise, get_sigmas("linear", 50), y)
     save_image_grid(grid.view(10, 8, 1, 20, 20).transpose(0, 1).reshape(80, 1, 20, 20), out_dir / "samples.png", nrow=10)
     _write_card(out_dir, info)
     ckpt.unlink(missing_ok=True)

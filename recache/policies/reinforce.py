@@ -116,7 +116,8 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | No
         idx = torch.randint(config.pool, (config.pairs,), generator=generator).repeat_interleave(G)
         k = torch.randint(config.k_min, config.k_max + 1, (config.pairs,), generator=generator)
         masks, logp = policy.sample(k.repeat_interleave(G), generator)
-        images, passes = sample_cached(pipe.model, noise[idx], pipe.sigmas, classes[idx], masks, mechanism, pipe.guidance)
+        with torch.no_grad():
+            images, passes = sample_cached(pipe.model, noise[idx], pipe.sigmas, classes[idx], masks, mechanism, pipe.guidance)
         if not torch.equal(passes, k.repeat_interleave(G)):
             raise RuntimeError(f"realised full passes {passes.tolist()} differ from the budgets {k.tolist()}")
         parts = reward(images, targets[idx], target_features[idx], classes[idx])

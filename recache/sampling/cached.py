@@ -94,12 +94,12 @@ def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:
     return torch.stack([s.as_tensor() for s in schedules])
 
 
-@torch.no_grad()
 def sample_cached(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None,
                   mechanism: Mechanism | None = None, guidance: float = 1.0, null_cond: int | None = None,
                   callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample with per-row compute masks (none: the uncached sampler); returns the samples and each row's
-    realised number of full passes."""
+    realised number of full passes. Differentiable in ``sigmas`` under ``torch.enable_grad()`` (mechanism state is
+    detached, as in BudCache's alignment); wrap it in ``torch.no_grad()`` to only sample."""
     cached = CachedVelocity(model, sigmas, masks, mechanism)
     velocity = GuidedVelocity(cached, guidance, null_cond if null_cond is not None else model.null_class)
     out = sample_euler(velocity, noise, sigmas, cond, callback=callback)

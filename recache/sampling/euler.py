@@ -32,7 +32,6 @@ class GuidedVelocity:
         return torch.lerp(v_uncond, v_cond, self.scale)
 
 
-@torch.no_grad()
 def sample_euler(
     model: Velocity,
     noise: torch.Tensor,
@@ -45,12 +44,15 @@ def sample_euler(
 
     ``callback`` receives ``{'x', 'i', 'sigma', 'sigma_next', 'velocity', 'denoised'}`` after each step's model
     call, where ``x`` is the state before the update and ``denoised = x - sigma * velocity`` the x0 estimate.
+    Gradients flow when enabled by the caller (schedule alignment learns ``sigmas`` through it); callers that
+    only sample wrap it in ``torch.no_grad()``.
     """
     x = noise
-    steps = (sigmas[1:] - sigmas[:-1]).tolist()
+    steps = sigmas[1:] - sigmas[:-1]
+    dts = None if steps.requires_grad and torch.is_grad_enabled() else steps.tolist()
     for i in trange(len(sigmas) - 1, disable=disable, desc="sampling"):
         v = model(x, sigmas[i], cond)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "velocity": v, "denoised": x - sigmas[i] * v})
-        x = torch.add(x, v, alpha=steps[i])
+        x = x + steps[i] * v if dts is None else torch.add(x, v, alpha=dts[i])
     return x

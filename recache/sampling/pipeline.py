@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -80,8 +81,21 @@ class DigitPipeline:
         G, B = len(schedules), len(classes)
         masks = masks_of(schedules).repeat_interleave(B, dim=0)
         noise = self.noise(seeds).repeat(G, 1, 1, 1)
-        out, passes = sample_cached(self.model, noise, self.sigmas, classes.repeat(G), masks, mechanism, self.guidance)
+        out, passes = sample_cached(self.model, noise, self.sigmas_for(schedules), classes.repeat(G), masks, mechanism, self.guidance)
         return out.view(G, B, *out.shape[1:]), passes.view(G, B)
+
+    def sigmas_for(self, schedules: list[Schedule]) -> torch.Tensor:
+        """The sigma grid of a batched call: the pipeline's, or the one aligned to these schedules (``aligned_sigmas``,
+        from ``recache align``), which must then be the same for all of them."""
+        grids = {tuple(s.metadata.get("aligned_sigmas") or ()) for s in schedules}
+        if len(grids) > 1:
+            raise RecacheError("schedules of one batched call must share their sigma grid (aligned or not)")
+        grid = grids.pop()
+        if not grid:
+            return self.sigmas
+        if len(grid) != self.steps + 1 or any(a < b for a, b in itertools.pairwise(grid)):
+            raise RecacheError(f"aligned sigmas must be {self.steps + 1} non-increasing values, got {len(grid)}")
+        return torch.tensor(grid, dtype=self.sigmas.dtype)
 
     def sample_with(self, schedule: Schedule, mechanism: str | Mechanism, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached samples (B, C, H, W) under one schedule, and each sample's realised full passes."""

@@ -16,7 +16,7 @@ from recache.errors import RecacheError
 from recache.io import write_json
 
 FORMAT = "recache.schedule/v1"
-_METADATA_KEYS = ("sigmas", "model", "mechanism", "source")
+_RESERVED_KEYS = ("format", "T", "k", "mask")  # everything else in a schedule file is metadata, kept as it is
 
 
 def check_budget(k: int, T: int) -> None:
@@ -101,7 +101,7 @@ class Schedule:
         mask = data["mask"]
         if any(m not in (0, 1) or isinstance(m, float) for m in mask):
             raise RecacheError("schedule mask values must be 0 or 1")
-        schedule = cls(tuple(bool(m) for m in mask), {k: data[k] for k in _METADATA_KEYS if k in data})
+        schedule = cls(tuple(bool(m) for m in mask), {k: v for k, v in data.items() if k not in _RESERVED_KEYS})
         for key, value in (("T", schedule.T), ("k", schedule.k)):
             if key in data and data[key] != value:
                 raise RecacheError(f"schedule says {key}={data[key]!r} but its mask has {key}={value}")
