@@ -16,6 +16,14 @@ LABELS = {"rel_l2": "relative L2 to uncached (lower is better)", "feature_distan
           "psnr": "PSNR to uncached, dB (higher is better)", "ssim": "SSIM to uncached (higher is better)"}
 
 
+def _save(fig, path: str | os.PathLike) -> None:
+    """Lay out, write the PNG atomically, and free the figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike, metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
     """Colour = mechanism, line style = policy (solid for the first policy in sorted order, e.g. recache before uniform)."""
     lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -37,10 +45,7 @@ def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike, metrics
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -60,10 +65,7 @@ def plot_training_curve(log: list[dict], path: str | os.PathLike, window: int = 
         ax.set_xlabel("update")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_search_history(history: list[dict], path: str | os.PathLike, uniform_loss: float | None = None) -> None:
@@ -80,10 +82,7 @@ def plot_search_history(history: list[dict], path: str | os.PathLike, uniform_lo
     ax.set_ylabel("MSE to uncached, calibration pairs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_alignment(log: list[dict], base: list[float], computed: list[int], path: str | os.PathLike) -> None:
@@ -103,7 +102,4 @@ def plot_alignment(log: list[dict], base: list[float], computed: list[int], path
     right.set_title("sigma_i", fontsize=9)
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
