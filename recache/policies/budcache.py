@@ -25,11 +25,15 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from recache.errors import RecacheError
+from recache.evaluation.protocol import calibration_pairs
+from recache.evaluation.report import write_jsonl
+from recache.mechanisms import get_mechanism
 from recache.schedule import Schedule, check_budget
 
 
@@ -190,12 +194,6 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
     """Search on calibration pairs (seeds ``0..pairs-1``) and write ``schedule.json``, ``history.jsonl`` (every
     evaluation in order) and ``memo.jsonl`` (each new loss as soon as it is known) into ``out``. With ``resume``, the
     losses in ``memo.jsonl`` are reused: the seeded search replays to where it stopped without repeating rollouts."""
-    from pathlib import Path
-
-    from recache.evaluation.protocol import calibration_pairs
-    from recache.evaluation.report import write_jsonl
-    from recache.mechanisms import get_mechanism
-
     out = Path(out)
     if (out / MEMO).exists() and not resume:
         raise RecacheError(f"{out} already holds a search; resume it (--resume) or choose another --out")

@@ -61,12 +61,12 @@ class CachedVelocity:
     def _velocity(self, x, c, compute, everyone, anyone):
         model, mech, step = self.model, self.mechanism, self.step
         if mech is None:
-            return model.final(run_blocks(model.blocks, model.embed(x), c), c)
+            return self._full_velocity(x, c)
         if mech.reuses_output:  # step-skip: the model output itself is reused
             if not anyone:
                 return mech.cached_output(slice(None))
             rows = slice(None) if everyone else compute.nonzero().squeeze(1)
-            v_rows = model.final(run_blocks(model.blocks, model.embed(x[rows]), c[rows]), c[rows])
+            v_rows = self._full_velocity(x[rows], c[rows])
             mech.record_output(rows, v_rows)
             if everyone:
                 return v_rows
@@ -85,6 +85,10 @@ class CachedVelocity:
             out[rest] = mech.cached_pass(step, rest, h[rest], c[rest], model.blocks)
             h = out
         return model.final(h, c)
+
+    def _full_velocity(self, x, c):
+        """The model's own forward pass, with this step's precomputed conditioning."""
+        return self.model.final(run_blocks(self.model.blocks, self.model.embed(x), c), c)
 
 
 def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:

@@ -18,6 +18,9 @@ from torch import nn
 from tqdm.auto import trange
 
 from recache.errors import RecacheError
+from recache.evaluation.protocol import calibration_pairs
+from recache.mechanisms import get_mechanism
+from recache.sampling.cached import sample_cached
 from recache.schedule.schedule import Schedule
 
 
@@ -51,10 +54,6 @@ class MonotoneSigmas(nn.Module):
 
 def align_sigmas(schedule: Schedule, pipe, mechanism, config: AlignConfig, progress: bool = True) -> tuple[Schedule, list[dict]]:
     """The schedule with ``aligned_sigmas`` in its metadata, and the per-update log."""
-    from recache.evaluation.protocol import calibration_pairs
-    from recache.mechanisms import get_mechanism
-    from recache.sampling.cached import sample_cached
-
     if schedule.T != pipe.steps:
         raise RecacheError(f"schedule has T={schedule.T} steps but the sampler runs {pipe.steps}")
     name = mechanism
