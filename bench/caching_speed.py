@@ -1,7 +1,10 @@
 """Wall-clock cost of caching on the embedded DiT (medians of several runs, same-run ratios).
 
 1. Speed-up at k = 10 of 50 (batch 16, CFG) for every mechanism: median of same-run ratios against full compute.
-2. Batched rollouts: G = 8 schedules for one (class, seed) pair in one call vs 8 separate calls.
+2. Batched rollouts: G = 8 schedules for one (class, seed) pair in one call vs 8 separate calls, for three kinds
+   of group: uniformly random k = 10 schedules; schedules sampled from the shipped taylorseer policy, as a
+   REINFORCE update draws them; and 8 copies of the full schedule, the most batching can gain here (every row
+   computes at every step).
 
     .venv/bin/python bench/caching_speed.py [--runs 5]
 """
@@ -16,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from recache.evaluation.evaluate import measure_speedup
+from recache.evaluation.evaluate import Method, measure_speedup
 from recache.io import write_json
 from recache.mechanisms import MECHANISMS
+from recache.policies import ReCachePolicy
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
 
@@ -44,7 +48,7 @@ def main() -> None:
     pipe = DigitPipeline.from_pretrained("mnist-dit")
     T, k = pipe.steps, args.budget
     schedule = Schedule.uniform(T, k)
-    measured = {m: measure_speedup(pipe, schedule, m, batch=args.batch, runs=args.runs) for m in MECHANISMS}
+    measured = {m: measure_speedup(pipe, Method("uniform", m, k, schedule), batch=args.batch, runs=args.runs) for m in MECHANISMS}
     speedups = {m: v[0] for m, v in measured.items()}
 
     # Cost of one full and one cached step (reuse), from samplings with one and two computed steps.
@@ -57,10 +61,20 @@ def main() -> None:
     rng = random.Random(0)
     group = [random_schedule(T, k, rng) for _ in range(args.group)]
     one_class, one_seed = torch.tensor([3]), [900_000]
+    policy = ReCachePolicy.from_pretrained("mnist-dit-taylorseer", T=T)
+    with torch.no_grad():
+        masks = policy.sample(torch.full((args.group,), k), torch.Generator().manual_seed(0))[0]
+    groups = {"random": group, "policy": [Schedule(tuple(m.tolist())) for m in masks], "full": [Schedule.full(T)] * args.group}
+    gains = {name: [] for name in groups}
     batched, separate = [], []
     for _ in range(args.runs):
-        batched.append(timed(lambda: pipe.rollout(one_class, one_seed, group, "taylorseer")))
-        separate.append(timed(lambda: [pipe.sample_with(s, "taylorseer", one_class, one_seed) for s in group]))
+        for name, schedules in groups.items():
+            together = timed(lambda group=schedules: pipe.rollout(one_class, one_seed, group, "taylorseer"))
+            apart = timed(lambda group=schedules: [pipe.sample_with(s, "taylorseer", one_class, one_seed) for s in group])
+            gains[name].append(apart / together)
+            if name == "random":
+                batched.append(together)
+                separate.append(apart)
     result = {"T": T, "k": k, "batch": args.batch, "runs": args.runs,
               "median_s": {m: round(v[1], 4) for m, v in measured.items()},
               "speedup": {m: round(v, 3) for m, v in speedups.items()},
@@ -69,16 +83,19 @@ def main() -> None:
               "bound_of_ideal": round(full_step / (full_step + (T / k - 1) * cached_step), 3),
               "rollout_group": args.group, "rollout_batched_s": round(statistics.median(batched), 4),
               "rollout_separate_s": round(statistics.median(separate), 4),
-              "rollout_gain": round(statistics.median(s / b for s, b in zip(separate, batched, strict=True)), 2)}
+              "rollout_gain": {name: round(statistics.median(g), 2) for name, g in gains.items()},
+              "steps_computed_by_any": {name: sum(any(s.mask[i] for s in schedules) for i in range(T)) for name, schedules in groups.items()}}
     write_json(Path(args.out), result)
     print(f"| mechanism | k / T | median (s) | speed-up | of ideal {T / k:g}x |\n|---|---|---|---|---|")
     for m in MECHANISMS:
         print(f"| {m} | {k} / {T} | {result['median_s'][m]:.3f} | {speedups[m]:.2f}x | {result['fraction_of_ideal'][m]:.1%} |")
     print(f"\none full step {result['full_step_ms']:.2f} ms, one cached step (reuse) {result['cached_step_ms']:.3f} ms: "
           f"at best {result['bound_of_ideal']:.1%} of the ideal {T / k:g}x while cached steps cost that much")
-    print(f"\nbatched rollouts, G = {args.group} schedules, one (class, seed) pair, taylorseer: "
-          f"{result['rollout_batched_s']:.3f} s batched vs {result['rollout_separate_s']:.3f} s separate "
-          f"({result['rollout_gain']:.1f}x)")
+    print(f"\nbatched rollouts, G = {args.group} schedules, one (class, seed) pair, taylorseer, batched vs separate "
+          f"(random: {result['rollout_batched_s']:.3f} s vs {result['rollout_separate_s']:.3f} s):")
+    for name in groups:
+        print(f"- {name} schedules: {result['rollout_gain'][name]:.1f}x faster, "
+              f"{result['steps_computed_by_any'][name]} of {T} steps computed by at least one")
 
 
 if __name__ == "__main__":

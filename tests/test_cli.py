@@ -134,6 +134,49 @@ def test_eval_writes_rows_table_and_plot(capsys, tmp_path):
     assert (out / "quality_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("heuristics, pattern", [
+    ("fastcache", r"--heuristics: unknown heuristic 'fastcache'; choose from fixed-interval, teacache"),
+    ("", r"--heuristics: no heuristic named"),
+    (",", r"--heuristics: no heuristic named"),
+])
+def test_bad_heuristic_lists(capsys, heuristics, pattern):
+    _fails(capsys, ["eval", "--heuristics", heuristics], pattern)
+
+
+def test_eval_with_heuristics_notes_unreachable_budgets_and_resumes(capsys, tmp_path):
+    out = tmp_path / "ev"
+    argv = ["eval", "--budgets", "14", "--mechanisms", "reuse", "--heuristics", "fixed-interval,first-block-cache",
+            "--calibration-pairs", "2", "--per-class", "1", "--timing-runs", "0", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "note: fixed-interval cannot reach k = 14 on the calibration pairs; evaluated at the closest it reaches, mean k = 13.00" in text
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["mechanism"]) for r in rows} == {("uniform", "reuse"), ("fixed-interval", "reuse"),
+                                                             ("first-block-cache", "first-block + reuse")}
+    fbc = [r for r in rows if r["policy"] == "first-block-cache"]
+    assert all(r["pass_equivalents"] == pytest.approx(r["full_passes"] + (50 - r["full_passes"]) / 6) for r in fbc)
+    assert all(sum(r["mask"]) == r["full_passes"] for r in rows)
+    for png in ("schedules_k14.png", "samples_k14.png", "quality_vs_realised_k.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "calibrations").iterdir()) == ["first-block-cache-k14.json", "fixed-interval-k14.json"]
+    # --resume keeps what is already in rows.jsonl (marked here) and evaluates nothing again
+    marked = [{**r, "psnr": -1.0} for r in rows]
+    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
+    assert main([*argv, "--resume"]) == 0
+    assert [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()] == marked
+
+
+def test_calibrate_command(capsys, tmp_path):
+    out = tmp_path / "mag.json"
+    assert main(["calibrate", "--heuristic", "magcache", "--budget", "5", "--pairs", "2", "--out", str(out)]) == 0
+    assert "(k = 5 is out of its reach: this is the closest)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["heuristic"] == "magcache"
+    _fails(capsys, ["calibrate", "--heuristic", "fastcache", "--budget", "5"], r"invalid choice: 'fastcache'")
+    assert main(["calibrate", "--heuristic", "teacache", "--budget", "51", "--out", str(tmp_path / "t.json")]) == 2
+    _check_one_line(capsys, r"budget k=51 is not allowed")
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_eval_output_not_writable(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -28,3 +28,29 @@ def test_pairs_only_with_the_same_mechanism_budget_and_samples():
     rows = _rows("uniform", [0.1, 0.2]) + _rows("mine", [0.1, 0.2], mechanism="delta") + _rows("mine", [0.1, 0.2], k=7)
     assert paired_comparison(rows) == []
     assert {(e["policy"], e["k"]) for e in summarize(rows)} == {("uniform", 5), ("mine", 5), ("mine", 7)}
+
+
+def _with_passes(rows, passes):
+    return [{**r, "full_passes": passes} for r in rows]
+
+
+def test_headline_picks_the_best_at_the_budget_and_pairs_the_change():
+    from recache.evaluation.compare import headline
+
+    base = [1.0, 2.0, 3.0, 4.0]  # feature distance is 2 x these
+    rows = _rows("uniform", base, "reuse") + _rows("uniform", [v * 0.9 for v in base], "taylorseer")
+    rows += _rows("teacache", [v * 0.8 for v in base]) + _with_passes(_rows("magcache", [v * 0.1 for v in base]), 9)  # over budget
+    rows += _rows("recache", [v * 0.6 for v in base], "hicache") + _rows("recache", [v * 0.7 for v in base], "reuse")
+    entries, table = headline(rows, [5])
+    (entry,) = entries
+    assert (entry["uniform"]["mechanism"], entry["best heuristic"]["policy"], entry["ReCache"]["mechanism"]) == ("taylorseer", "teacache", "hicache")
+    assert entry["vs best heuristic"]["relative"] == pytest.approx(0.6 / 0.8 - 1)
+    assert entry["vs uniform"]["relative"] == pytest.approx(0.6 / 0.9 - 1)
+    assert "| -25.0 % ± " in table and "magcache" not in table
+
+
+def test_summary_reports_the_spread_of_realised_budgets():
+    rows = _rows("teacache", [0.1, 0.2, 0.3])
+    rows[0]["full_passes"], rows[1]["full_passes"] = 4, 7
+    (entry,) = summarize(rows)
+    assert (entry["realised_k"], entry["realised_k_min"], entry["realised_k_max"]) == (pytest.approx(16 / 3), 4, 7)

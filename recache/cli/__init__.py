@@ -17,12 +17,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from recache import __version__
-    from recache.cli import align, demo, evaluate, pretrain, sample, search, train
+    from recache.cli import align, calibrate, demo, evaluate, pretrain, sample, search, train
 
     parser = _Parser(prog="recache", description="Budgeted caching schedules for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"recache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (sample, evaluate, train, search, align, demo, pretrain):
+    for module in (sample, evaluate, train, search, align, calibrate, demo, pretrain):
         module.add_parser(sub)
     return parser
 

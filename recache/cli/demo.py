@@ -1,8 +1,9 @@
-"""``recache demo``: the main job on the embedded default.
+"""``recache demo``: the main job on the embedded default, in one command.
 
-A full-compute grid with its wall time, then the same digits at k = 10 of 50 full passes under every mechanism,
-with the uniform schedule and with the shipped ReCache policy's schedule for that mechanism: realised passes,
-error against the uncached output and measured speed-up.
+Loads the shipped ReCache policies, searches BudCache schedules for two budgets, calibrates the threshold
+heuristics (TeaCache, MagCache, FirstBlockCache, DiCache, fixed interval) to the same budgets, evaluates all of
+them with the uniform schedule on the held-out pairs against the uncached output (quality next to the realised
+budget and the measured speed-up), and writes ``runs/demo/report.md`` with its plots.
 """
 
 from __future__ import annotations
@@ -11,63 +12,74 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from recache.cli.options import positive_int
-from recache.evaluation.evaluate import measure_speedup
+from recache.cli.options import check_writable, int_list, mechanism_list
+from recache.errors import RecacheError
+from recache.evaluation import heldout_pairs
+from recache.evaluation.compare import headline, heuristic_methods, markdown_report, run_comparison
+from recache.evaluation.evaluate import Method
 from recache.io import write_text
-from recache.mechanisms import MECHANISMS
-from recache.metrics import relative_l2
 from recache.policies import ReCachePolicy, shipped_policies
+from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
+from recache.policies.heuristics import HEURISTICS
 from recache.sampling.pipeline import DigitPipeline
-from recache.schedule import Schedule
+from recache.schedule import Schedule, check_budget
 from recache.viz import save_image_grid
+
+DEMO_MECHANISMS = "step-skip,reuse,taylorseer,hicache"
+SEARCH_MECHANISM = "taylorseer"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the demo on the embedded model and write its outputs")
+    p = sub.add_parser("demo", help="compare learned, searched, heuristic and uniform schedules on the embedded model")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--budget", type=positive_int, default=10, help="full passes k of T = 50 for the cached part (default: 10)")
+    p.add_argument("--budgets", type=int_list, default=[5, 10], help="budgets k of T = 50 to compare (default: 5,10, i.e. 10x and 5x)")
+    p.add_argument("--mechanisms", type=mechanism_list, default=mechanism_list(DEMO_MECHANISMS),
+                   help=f"mechanisms for the uniform and learned schedules (default: {DEMO_MECHANISMS})")
+    p.add_argument("--resume", action="store_true", help="keep the methods already evaluated in OUT/rows.jsonl")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     out = Path(args.out)
+    check_writable(out)
     pipe = DigitPipeline.from_pretrained("mnist-dit")
-    schedule = Schedule.uniform(pipe.steps, args.budget)
-    policies = {m: ReCachePolicy.from_pretrained(f"{pipe.model_id}-{m}", T=pipe.steps) for m in MECHANISMS
-                if f"{pipe.model_id}-{m}" in shipped_policies()}
-    learned = {m: policy.schedule(args.budget) for m, policy in policies.items() if policy.config.k_min <= args.budget <= policy.config.k_max}
-    classes = torch.arange(10).repeat_interleave(8)
-    seeds = [900_000 + i for i in range(len(classes))]  # held-out seeds of the evaluation protocol
-    pipe(classes[:16], seeds[:16])  # warm-up
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        reference = pipe(classes, seeds)
-        times.append(time.perf_counter() - start)
-    save_image_grid(reference.view(10, 8, *reference.shape[1:]).transpose(0, 1).flatten(0, 1), out / "samples.png", nrow=10)
-    print(f"embedded model mnist-dit: {len(classes)} digits x {pipe.steps} Euler steps (guidance {pipe.guidance:g}), "
-          f"uncached: {sorted(times)[1]:.2f} s (median of 3) -> {out / 'samples.png'}")
-
-    lines = ["| mechanism | schedule | realised full passes | rel. L2 to uncached | speed-up (16 images) |", "|---|---|---|---|---|"]
-    grid = [reference[::8]]
-    for mechanism in MECHANISMS:
-        for name, plan in (("uniform", schedule), ("recache", learned.get(mechanism))):
-            if plan is None:
-                continue
-            images, passes = pipe.sample_with(plan, mechanism, classes, seeds)
-            speedup, _ = measure_speedup(pipe, plan, mechanism)
-            grid.append(images[::8])
-            lines.append(f"| {mechanism} | {name} | {passes.float().mean():g} of {pipe.steps} | {relative_l2(images, reference).mean():.4f} | "
-                         f"{speedup:.2f}x |")
-    save_image_grid(torch.cat(grid), out / "mechanisms.png", nrow=10)
-    table = "\n".join(lines)
-    rows = ", ".join(f"{m} ({'uniform, recache' if m in learned else 'uniform'})" for m in MECHANISMS)
-    steps = "".join(f"- recache / {m}: {s.steps}\n" for m, s in learned.items())
-    write_text(out / "report.md", f"# recache demo\n\nk = {args.budget} of {pipe.steps} full passes, {len(classes)} held-out (class, seed) "
-               f"pairs. Computed steps:\n\n- uniform: {schedule.steps}\n{steps}\n{table}\n\n"
-               f"![first row uncached, then one row per line of the table: {rows}](mechanisms.png)\n")
-    print(f"\nk = {args.budget} of {pipe.steps} full passes:\n{table}")
-    print(f"\nreport: {out / 'report.md'} (grid: first row uncached, then {rows})")
+    for k in args.budgets:
+        check_budget(k, pipe.steps)
+    classes, seeds = heldout_pairs()
+    methods = [Method("uniform", m, k, Schedule.uniform(pipe.steps, k)) for k in args.budgets for m in args.mechanisms]
+    for m in args.mechanisms:
+        name = f"{pipe.model_id}-{m}"
+        if name in shipped_policies():
+            policy = ReCachePolicy.from_pretrained(name, T=pipe.steps)
+            methods += [Method("recache", m, k, policy.schedule(k)) for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
+    if not any(m.policy == "recache" for m in methods):
+        raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} with mechanisms {', '.join(args.mechanisms)}")
+    for k in args.budgets:
+        print(f"BudCache search, k = {k}, {SEARCH_MECHANISM} ...")
+        folder = out / "search" / f"{SEARCH_MECHANISM}-k{k}"
+        searched = Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists() else \
+            search_schedule(SearchConfig(k=k, mechanism=SEARCH_MECHANISM), pipe, folder, resume=True)[0]
+        methods.append(Method("budcache", SEARCH_MECHANISM, k, searched))
+    print(f"calibrating {', '.join(HEURISTICS)} to k = {', '.join(map(str, args.budgets))} ...")
+    found, notes = heuristic_methods(list(HEURISTICS), args.budgets, pipe, args.mechanisms, out / "calibrations")
+    methods += found
+    print(f"evaluating {len(methods)} methods on {len(seeds)} held-out pairs (quality, FLOPs, wall-clock) ...")
+    result = run_comparison(pipe, methods, out, classes, seeds, timing_runs=3, resume=args.resume)
+    reference = result["reference"]
+    save_image_grid(reference.view(-1, 10, *reference.shape[1:])[:8].flatten(0, 1), out / "samples.png", nrow=10)  # digits 0-9 by row
+    intro = (f"Embedded model mnist-dit (T = {pipe.steps} Euler steps, CFG {pipe.guidance:g}); {len(seeds)} held-out (class, seed) "
+             f"pairs, never used for training, search or calibration; every metric against the uncached sample from the same "
+             f"noise and class. Uncached sampling of the {len(seeds)} pairs: {result['reference_seconds']:.2f} s. ReCache: the "
+             f"shipped policies; BudCache: searched here on 8 calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds "
+             f"calibrated here to each budget on 32 calibration pairs; TeaCache, FirstBlockCache and DiCache fill skipped steps "
+             f"their own way, MagCache and the fixed interval give a fixed schedule, run with each mechanism. "
+             f"Demo time: {time.perf_counter() - start:.0f} s.\n\n"
+             f"![uncached samples](samples.png)")
+    write_text(out / "report.md", markdown_report(result, "recache demo: equal-budget comparison", intro, notes))
+    _, table = headline(result["rows"], result["budgets"])
+    print(f"\nclassifier feature distance to uncached (lower is better):\n{table}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"report: {out / 'report.md'} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def _whole_number(minimum: int):
@@ -54,6 +55,24 @@ def digit_classes(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"class {c} is outside 0-9")
         classes.append(c)
     return classes
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    return values
+
+
+def mechanism_list(text: str) -> list[str]:
+    from recache.mechanisms import MECHANISMS
+
+    names = list(MECHANISMS) if text == "all" else text.split(",")
+    for name in names:
+        if name not in MECHANISMS:
+            raise argparse.ArgumentTypeError(f"unknown mechanism {name!r}; choose from {', '.join(MECHANISMS)} or 'all'")
+    return names
 
 
 def add_model_options(parser: argparse.ArgumentParser, seed_help: str = "seed of the initial noise (default: 0)") -> None:
@@ -107,3 +126,16 @@ def resolve_schedule(args: argparse.Namespace, pipe):
         return None, mechanism
     check_budget(args.budget, pipe.steps)
     return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=mechanism, sigmas=pipe.sigma_schedule), mechanism
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, with a clear message, when results could not be written to ``folder``."""
+    from recache.errors import RecacheError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RecacheError(f"output folder {folder} is not writable ({e.strerror})") from None

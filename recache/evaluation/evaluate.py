@@ -1,4 +1,5 @@
-"""Score schedules x mechanisms against the uncached reference on (class, seed) pairs; cost included."""
+"""Score methods (a schedule with a mechanism, or an online heuristic) against the uncached reference on
+(class, seed) pairs; cost included: realised full passes, pass equivalents, FLOPs and measured wall-clock speed-up."""
 
 from __future__ import annotations
 
@@ -9,13 +10,38 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from recache.mechanisms import get_mechanism
 from recache.metrics import classifier_scores, psnr, relative_l2, ssim
 from recache.models.classifier import DigitClassifier
+from recache.policies.heuristics import OnlineHeuristic
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
 
 METRICS = ("rel_l2", "psnr", "ssim", "feature_distance", "class_correct")
+
+
+@dataclass
+class Method:
+    """One row of a comparison: a fixed ``schedule`` run with ``mechanism``, or an online ``heuristic`` that fills
+    its own skipped steps (``mechanism`` then names that fill). ``policy`` labels where the schedule comes from;
+    ``k`` is the target budget."""
+
+    policy: str
+    mechanism: str
+    k: int
+    schedule: Schedule | None = None
+    heuristic: OnlineHeuristic | None = None
+
+    def sample(self, pipe: DigitPipeline, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples and each sample's compute mask (B, T)."""
+        if self.heuristic is not None:
+            return pipe.sample_online(self.heuristic, classes, seeds)
+        images, _ = pipe.sample_with(self.schedule, self.mechanism, classes, seeds)
+        return images, self.schedule.as_tensor().expand(len(seeds), -1)
+
+    @property
+    def probe_depth(self) -> int:
+        """Blocks an online heuristic runs at each skipped step to decide (0 for fixed schedules)."""
+        return self.heuristic.probe_depth if self.heuristic is not None else 0
 
 
 @dataclass
@@ -30,14 +56,20 @@ class Reference:
     flops_per_sample: int
 
 
-def count_flops(pipe: DigitPipeline, schedule: Schedule, mechanism: str) -> int:
-    """FLOPs (torch's counter: matmuls and attention) of one guided sample under ``schedule``."""
+def count_flops(run) -> int:
+    """FLOPs (torch's counter: matmuls and attention) of ``run()``."""
     with FlopCounterMode(display=False) as counter:
-        pipe.sample_with(schedule, mechanism, [0], [0])
+        run()
     return counter.get_total_flops()
 
 
-def measure_speedup(pipe: DigitPipeline, schedule: Schedule, mechanism: str, batch: int = 16, runs: int = 3) -> tuple[float, float]:
+def flops_per_sample(pipe: DigitPipeline, method: Method | None, classes, seeds) -> float:
+    """Mean FLOPs of one guided sample over these pairs (``method=None``: uncached)."""
+    run = (lambda: pipe(classes, seeds)) if method is None else (lambda: method.sample(pipe, classes, seeds))
+    return count_flops(run) / len(seeds)
+
+
+def measure_speedup(pipe: DigitPipeline, method: Method, batch: int = 16, runs: int = 3) -> tuple[float, float]:
     """Wall-clock speed-up over uncached sampling of ``batch`` images: the median of ``runs`` same-run ratios,
     each pairing one uncached and one cached run back to back, so drifts of the machine's speed cancel.
     Also returns the median cached time in seconds."""
@@ -48,10 +80,13 @@ def measure_speedup(pipe: DigitPipeline, schedule: Schedule, mechanism: str, bat
         pipe(classes, seeds)
         full = time.perf_counter() - start
         start = time.perf_counter()
-        pipe.sample_with(schedule, mechanism, classes, seeds)
+        method.sample(pipe, classes, seeds)
         times.append(time.perf_counter() - start)
         ratios.append(full / times[-1])
     return statistics.median(ratios), statistics.median(times)
+
+
+FLOP_PAIRS = 10  # FLOPs are counted on the first pairs (one per class in the held-out order)
 
 
 def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: torch.Tensor, seeds: list[int]) -> Reference:
@@ -60,7 +95,8 @@ def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: to
     seconds = time.perf_counter() - start
     with torch.no_grad():
         features = classifier.features(images)
-    return Reference(classes, seeds, images, features, seconds, count_flops(pipe, Schedule.full(pipe.steps), "reuse"))
+    flops = flops_per_sample(pipe, None, classes[:FLOP_PAIRS], seeds[:FLOP_PAIRS])
+    return Reference(classes, seeds, images, features, seconds, flops)
 
 
 def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier) -> dict[str, torch.Tensor]:
@@ -69,20 +105,22 @@ def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier) -> 
     return {k: scores[k] for k in METRICS}
 
 
-def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, schedule: Schedule, mechanism: str,
-             policy: str, timing_runs: int = 3) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One JSONL row per sample, and the per-sample metric tensors for paired comparisons.
+def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, method: Method,
+             timing_runs: int = 3) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor]:
+    """One JSONL row per sample, the per-sample metric tensors for paired comparisons, and the samples.
     ``timing_runs = 0`` skips the wall-clock measurement (speed-up reported as None)."""
-    images, passes = pipe.sample_with(schedule, get_mechanism(mechanism), ref.classes, ref.seeds)
+    images, masks = method.sample(pipe, ref.classes, ref.seeds)
+    passes = masks.sum(1)
     speedup = seconds = None
     if timing_runs:
-        speedup, seconds = (round(v, 4) for v in measure_speedup(pipe, schedule, mechanism, runs=timing_runs))
-    flops = count_flops(pipe, schedule, mechanism)
+        speedup, seconds = (round(v, 4) for v in measure_speedup(pipe, method, runs=timing_runs))
+    flops = flops_per_sample(pipe, method, ref.classes[:FLOP_PAIRS], ref.seeds[:FLOP_PAIRS])
     scores = score(images, ref, classifier)
-    common = {"policy": policy, "mechanism": mechanism, "T": schedule.T, "k": schedule.k, "mask": [int(m) for m in schedule.mask],
-              "flops": flops, "flops_reduction": round(ref.flops_per_sample / flops, 4),
-              "seconds_16": seconds, "speedup": speedup}
+    probe = method.probe_depth / len(pipe.model.blocks)
+    common = {"policy": method.policy, "mechanism": method.mechanism, "T": pipe.steps, "k": method.k,
+              "flops": round(flops), "flops_reduction": round(ref.flops_per_sample / flops, 4), "seconds_16": seconds, "speedup": speedup}
     rows = [{**common, "class": int(c), "seed": int(s), "full_passes": int(p),
+             "pass_equivalents": round(float(p + (pipe.steps - p) * probe), 4), "mask": [int(v) for v in m],
              **{k: round(float(v[i]), 6) for k, v in scores.items()}}
-            for i, (c, s, p) in enumerate(zip(ref.classes, ref.seeds, passes, strict=True))]
-    return rows, scores
+            for i, (c, s, p, m) in enumerate(zip(ref.classes, ref.seeds, passes, masks, strict=True))]
+    return rows, scores, images

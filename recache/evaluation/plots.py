@@ -1,4 +1,5 @@
-"""Plots of an evaluation: quality against budget, one line per (policy, mechanism), error bars = standard error."""
+"""Plots a person would rather look at than a table: quality against budget and against measured speed-up, which
+steps each method computes, sample grids, and the training, search and alignment curves."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from recache.io import atomic_path  # noqa: E402
+from recache.viz import image_grid  # noqa: E402
 
 LABELS = {"rel_l2": "relative L2 to uncached (lower is better)", "feature_distance": "classifier feature distance (lower is better)",
           "psnr": "PSNR to uncached, dB (higher is better)", "ssim": "SSIM to uncached (higher is better)"}
@@ -102,4 +105,65 @@ def plot_alignment(log: list[dict], base: list[float], computed: list[int], path
     right.set_title("sigma_i", fontsize=9)
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _label(entry: dict) -> str:
+    return f"{entry['policy']} / {entry['mechanism']}"
+
+
+def plot_quality_vs_cost(summary: list[dict], path: str | os.PathLike, x: str = "realised_k",
+                         metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
+    """One line per (policy, mechanism) across budgets, against the mean realised full passes (``x="realised_k"``)
+    or the measured wall-clock speed-up (``x="speedup"``); error bars = standard error over the pairs."""
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for e in summary:
+        if e.get(x) is not None:
+            lines[_label(e)].append(e)
+    policies, mechanisms = sorted({e["policy"] for e in summary}), sorted({e["mechanism"] for e in summary})
+    markers = "osD^v<>Px*"
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for label, entries in sorted(lines.items()):
+            entries = sorted(entries, key=lambda e: e[x])
+            policy = entries[0]["policy"]
+            ax.errorbar([e[x] for e in entries], [e[metric] for e in entries], yerr=[e[metric + "_se"] for e in entries],
+                        marker=markers[mechanisms.index(entries[0]["mechanism"]) % len(markers)], ms=4, capsize=2, lw=1.2, label=label,
+                        color=f"C{policies.index(policy) % 10}")
+        ax.set_xlabel("mean realised full passes k" if x == "realised_k" else "measured speed-up over uncached (batch 16)")
+        ax.set_title(LABELS.get(metric, metric), fontsize=9)
+        if metric in ("rel_l2", "feature_distance"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="best")
+    _save(fig, path)
+
+
+def plot_schedule_heatmap(rows: list[dict], k: int, path: str | os.PathLike) -> None:
+    """Which steps each method computes at budget ``k``: the fraction of samples computing each step (1 for a
+    fixed schedule), one line per (policy, mechanism), with its mean realised k."""
+    masks: dict[str, list[list[int]]] = defaultdict(list)
+    for r in rows:
+        if r["k"] == k:
+            masks[_label(r)].append(r["mask"])
+    labels = sorted(masks)
+    fractions = [[sum(col) / len(m) for col in zip(*m, strict=True)] for m in (masks[label] for label in labels)]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.2))
+    image = ax.imshow(fractions, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), [f"{label}  (k = {sum(map(sum, masks[label])) / len(masks[label]):.1f})" for label in labels],
+                  fontsize=7)
+    ax.set_xlabel("sampler step i (0 = pure noise)")
+    ax.set_title(f"computed steps at budget k = {k} (shade: fraction of samples computing the step)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    _save(fig, path)
+
+
+def plot_sample_strips(strips: list[tuple[str, torch.Tensor]], path: str | os.PathLike) -> None:
+    """One labelled row of digits per method (the first row uncached), the same (class, seed) in each column."""
+    fig, axes = plt.subplots(len(strips), 1, figsize=(0.62 * len(strips[0][1]) + 2.4, 0.72 * len(strips)), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], strips, strict=True):
+        ax.imshow(image_grid(images, nrow=len(images)).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     _save(fig, path)

@@ -27,8 +27,10 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups[(r["policy"], r["mechanism"], r["k"])].append(r)
     out = []
     for (policy, mechanism, k), rs in groups.items():
+        passes = [r["full_passes"] for r in rs]
         entry = {"policy": policy, "mechanism": mechanism, "k": k, "T": rs[0]["T"], "n": len(rs),
-                 "realised_k": sum(r["full_passes"] for r in rs) / len(rs),
+                 "realised_k": sum(passes) / len(rs), "realised_k_min": min(passes), "realised_k_max": max(passes),
+                 "pass_equivalents": sum(r.get("pass_equivalents", r["full_passes"]) for r in rs) / len(rs),
                  "flops_reduction": rs[0]["flops_reduction"], "speedup": rs[0]["speedup"]}
         for m in METRICS:
             entry[m], entry[m + "_se"] = mean_and_se(torch.tensor([r[m] for r in rs]))
@@ -37,13 +39,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    head = ("| policy | mechanism | k / T | realised k | FLOPs red. | speed-up | rel. L2 | PSNR (dB) | SSIM | "
-            "feature dist. | class acc. |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| policy | mechanism | k / T | realised k | pass eq. | FLOPs red. | speed-up | rel. L2 | PSNR (dB) | SSIM | "
+            "feature dist. | class acc. |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for e in summary:
         cells = [f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr" else f"{e[m]:.2f} ± {e[m + '_se']:.2f}" for m in METRICS[:-1]]
         cells.append(f"{e['class_correct']:.1%}")
-        lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:g} | {e['flops_reduction']:.2f}x | "
+        spread = "" if e["realised_k_min"] == e["realised_k_max"] else f" ({e['realised_k_min']}-{e['realised_k_max']})"
+        lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:.4g}{spread} | "
+                     f"{e['pass_equivalents']:.4g} | {e['flops_reduction']:.2f}x | "
                      + (f"{e['speedup']:.2f}x | " if e["speedup"] else "n/a | ") + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 

@@ -65,6 +65,27 @@ class Mechanism:
         raise NotImplementedError
 
 
+def by_rows(compute: torch.Tensor, like: torch.Tensor, full, cached) -> torch.Tensor:
+    """Stitch ``full(rows)`` for the rows where ``compute`` is true and ``cached(rows)`` for the others into one
+    tensor shaped like ``like``; when all rows take one path it is called once with ``slice(None)``."""
+    if bool(compute.all()):
+        return full(slice(None))
+    if not bool(compute.any()):
+        return cached(slice(None))
+    out = torch.empty_like(like)
+    idx, rest = compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)
+    out[idx] = full(idx)
+    out[rest] = cached(rest)
+    return out
+
+
+def blocks_or_cache(mechanism: Mechanism, step: int, compute: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+                    blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+    """The block stack's output: rows that compute run the blocks together, the others are filled by ``mechanism``."""
+    return by_rows(compute, h, lambda rows: mechanism.full_pass(step, rows, h[rows], c[rows], blocks),
+                   lambda rows: mechanism.cached_pass(step, rows, h[rows], c[rows], blocks))
+
+
 class RowState:
     """A lazily allocated per-row tensor ``(rows, *shape)`` written and read through row indices."""
 

@@ -154,9 +154,9 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens ``h`` (batch, tokens, hidden) of the noisy image ``x``."""
-        b, ch, p, g = x.shape[0], self.config.in_channels, self.config.patch_size, self.grid
-        patches = x.view(b, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * p * p)
+        """Tokens ``h`` (batch, tokens, hidden) of the noisy image ``x``; a patch's pixels are ordered (channel, row,
+        column), as ``pixel_unshuffle`` lays them out."""
+        patches = F.pixel_unshuffle(x, self.config.patch_size).flatten(2).transpose(1, 2)  # (batch, tokens, ch * p * p)
         return self.patch_embed(patches) + self.pos_embed
 
     def condition(self, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -167,9 +167,8 @@ class DiT(nn.Module):
 
     def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: tokens -> velocity image (batch, channels, size, size)."""
-        p, g, ch = self.config.patch_size, self.grid, self.config.in_channels
-        out = self.final_layer(h, c).view(h.shape[0], g, g, p, p, ch)
-        return out.permute(0, 5, 1, 3, 2, 4).reshape(h.shape[0], ch, g * p, g * p)
+        out = self.final_layer(h, c).transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
+        return F.pixel_shuffle(out, self.config.patch_size)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h, c = self.embed(x), self.condition(sigma, y)

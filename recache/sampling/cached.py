@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import CacheableModel, Mechanism, run_blocks
+from recache.mechanisms.base import CacheableModel, Mechanism, blocks_or_cache, by_rows, run_blocks
 from recache.sampling.euler import GuidedVelocity, sample_euler
 from recache.schedule import Schedule
 
@@ -50,41 +50,25 @@ class CachedVelocity:
                 self.mechanism.reset(rows, T)
             self.full_passes = torch.zeros(rows, dtype=torch.long)
             self._compute = self.masks.repeat(rows // self.masks.shape[0], 1).t().contiguous()  # (T, rows)
-            self._all, self._any = self._compute.all(1).tolist(), self._compute.any(1).tolist()
             self._conditions = self.model.condition(self.sigmas, cond)  # (T, rows, ...)
         compute = self._compute[self.step]
-        v = self._velocity(x, self._conditions[self.step], compute, self._all[self.step], self._any[self.step])
+        v = self._velocity(x, self._conditions[self.step], compute)
         self.full_passes += compute
         self.step += 1
         return v
 
-    def _velocity(self, x, c, compute, everyone, anyone):
+    def _velocity(self, x, c, compute):
         model, mech, step = self.model, self.mechanism, self.step
         if mech is None:
             return self._full_velocity(x, c)
         if mech.reuses_output:  # step-skip: the model output itself is reused
-            if not anyone:
-                return mech.cached_output(slice(None))
-            rows = slice(None) if everyone else compute.nonzero().squeeze(1)
-            v_rows = self._full_velocity(x[rows], c[rows])
-            mech.record_output(rows, v_rows)
-            if everyone:
-                return v_rows
-            v = mech.cached_output(slice(None)).clone()
-            v[rows] = v_rows
-            return v
-        h = model.embed(x)
-        if everyone:
-            h = mech.full_pass(step, slice(None), h, c, model.blocks)
-        elif not anyone:
-            h = mech.cached_pass(step, slice(None), h, c, model.blocks)
-        else:  # some rows compute: they run the blocks together, the others are filled by the mechanism
-            out = torch.empty_like(h)
-            idx, rest = compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)
-            out[idx] = mech.full_pass(step, idx, h[idx], c[idx], model.blocks)
-            out[rest] = mech.cached_pass(step, rest, h[rest], c[rest], model.blocks)
-            h = out
-        return model.final(h, c)
+            def computed(rows):
+                v = self._full_velocity(x[rows], c[rows])
+                mech.record_output(rows, v)
+                return v
+
+            return by_rows(compute, x, computed, mech.cached_output)
+        return model.final(blocks_or_cache(mech, step, compute, model.embed(x), c, model.blocks), c)
 
     def _full_velocity(self, x, c):
         """The model's own forward pass, with this step's precomputed conditioning."""

@@ -14,6 +14,7 @@ from recache.models.dit import DiT
 from recache.models.pretrained import load_dit, read_config
 from recache.sampling.cached import masks_of, sample_cached
 from recache.sampling.euler import GuidedVelocity
+from recache.sampling.online import sample_online
 from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule
 
@@ -96,6 +97,13 @@ class DigitPipeline:
         if len(grid) != self.steps + 1 or any(a < b for a, b in itertools.pairwise(grid)):
             raise RecacheError(f"aligned sigmas must be {self.steps + 1} non-increasing values, got {len(grid)}")
         return torch.tensor(grid, dtype=self.sigmas.dtype)
+
+    @torch.no_grad()
+    def sample_online(self, heuristic, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples under an online heuristic (TeaCache, FirstBlockCache, DiCache) and each sample's compute mask
+        (B, T); a sample's realised full passes are its mask's sum."""
+        classes = self.check_pairs(classes, seeds)
+        return sample_online(self.model, self.noise(seeds), self.sigmas, classes, heuristic, self.guidance)
 
     def sample_with(self, schedule: Schedule, mechanism: str | Mechanism, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached samples (B, C, H, W) under one schedule, and each sample's realised full passes."""

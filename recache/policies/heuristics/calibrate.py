@@ -1,0 +1,121 @@
+"""Calibrate a threshold heuristic to a target budget: bisection on its threshold until the mean realised number
+of full passes over the calibration pairs matches ``k`` (methods section 6: equal-budget comparisons).
+
+The result is a small JSON artefact (threshold, fitted constants, the mean k it reached) that ``recache eval``
+and ``recache demo`` reuse. A budget a heuristic cannot reach (MagCache's retention prefix, a fixed interval's
+``ceil(T / N)``) is reported with the closest one it can.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from recache.errors import RecacheError
+from recache.io import write_json
+from recache.policies.heuristics import HEURISTICS, Heuristic, StaticHeuristic, get_heuristic
+from recache.schedule import check_budget
+
+FORMAT = "recache.heuristic/v1"
+
+
+@dataclass
+class Calibration:
+    heuristic: str
+    threshold: float
+    options: dict
+    target_k: int
+    mean_k: float  # on the calibration pairs
+    pairs: int
+    model: str
+    T: int
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the mean realised budget is within half a pass of the target."""
+        return abs(self.mean_k - self.target_k) <= 0.5
+
+    def build(self) -> Heuristic:
+        return get_heuristic(self.heuristic, self.threshold, **self.options)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, {"format": FORMAT, **asdict(self)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, T: int | None = None, model: str | None = None) -> Calibration:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise RecacheError(f"calibration file {path} does not exist") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecacheError(f"calibration file {path} cannot be read as JSON ({e})") from None
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+            raise RecacheError(f"calibration file {path} is not a {FORMAT} file")
+        try:
+            calibration = cls(**data)
+            calibration.build()
+        except TypeError as e:
+            raise RecacheError(f"calibration file {path} has missing or unknown fields ({e})") from None
+        except RecacheError as e:
+            raise RecacheError(f"calibration file {path}: {e}") from None
+        if T is not None and calibration.T != T:
+            raise RecacheError(f"calibration file {path} is for T={calibration.T} steps, but this run has T={T}")
+        if model is not None and calibration.model != model:
+            raise RecacheError(f"calibration file {path} was made for model {calibration.model!r}, not {model!r}")
+        return calibration
+
+
+def realised_passes(heuristic: Heuristic, pipe, classes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Full passes per sample on these pairs (the same for every sample of a static heuristic)."""
+    if isinstance(heuristic, StaticHeuristic):
+        return torch.full((len(seeds),), heuristic.schedule(pipe.steps).k)
+    return pipe.sample_online(heuristic, classes, seeds)[1].sum(1)
+
+
+def calibrate(name: str, target_k: int, pipe, classes: torch.Tensor, seeds: list[int], options: dict | None = None,
+              iterations: int = 24, progress: bool = True) -> Calibration:
+    """The threshold whose mean realised k on the pairs is closest to ``target_k`` (ties: the cheaper one)."""
+    check_budget(target_k, pipe.steps)
+    if name not in HEURISTICS:
+        raise RecacheError(f"unknown heuristic {name!r}; choose one of {', '.join(HEURISTICS)}")
+    cls = HEURISTICS[name]
+    options = cls.fit(pipe, classes, seeds, dict(options or {}))
+    tried: dict[float, float] = {}
+    bar = tqdm(desc=f"calibrate {name} to k={target_k}", total=iterations, disable=not progress, leave=False)
+
+    def measure(threshold: float) -> float:
+        if threshold not in tried:
+            tried[threshold] = float(realised_passes(get_heuristic(name, threshold, **options), pipe, classes, seeds).float().mean())
+            bar.update()
+            bar.set_postfix(threshold=f"{threshold:.4g}", mean_k=f"{tried[threshold]:.2f}")
+        return tried[threshold]
+
+    tolerance = 0.5 / len(seeds)
+    if getattr(cls, "integer", False):
+        for interval in range(1, pipe.steps + 1):
+            measure(float(interval))
+    else:
+        lo, hi = cls.bracket
+        for _ in range(4):  # widen the bracket until it holds the target: more passes at lo, fewer at hi
+            if measure(lo) >= target_k:
+                break
+            lo /= 10
+        for _ in range(4):
+            if measure(hi) <= target_k:
+                break
+            hi *= 10
+        while len(tried) < iterations and min(abs(k - target_k) for k in tried.values()) > tolerance:
+            mid = math.sqrt(lo * hi)
+            if measure(mid) > target_k:
+                lo = mid
+            else:
+                hi = mid
+    bar.close()
+    threshold = min(tried, key=lambda t: (abs(tried[t] - target_k), tried[t]))
+    return Calibration(name, threshold, options, target_k, tried[threshold], len(seeds), pipe.model_id, pipe.steps)
