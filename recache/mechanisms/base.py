@@ -51,13 +51,14 @@ class Mechanism:
         """Drop all state before a sampling call with ``rows`` batch rows and ``steps`` steps."""
         self.rows, self.total_steps = rows, steps
 
-    def full_pass(self, step: int, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
-        """Run every block on these rows and record what the mechanism keeps."""
+    def full_pass(self, step: int | torch.Tensor, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+        """Run every block on these rows and record what the mechanism keeps. ``step`` is the rows' step, or one step
+        per row when rows run on their own clocks (batched rollouts); a cached pass always has one step for all."""
         h_out = run_blocks(blocks, h, c)
         self.record(step, rows, h, h_out)
         return h_out
 
-    def record(self, step: int, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+    def record(self, step: int | torch.Tensor, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         raise NotImplementedError
 
     def cached_pass(self, step: int, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
@@ -65,24 +66,37 @@ class Mechanism:
         raise NotImplementedError
 
 
-def by_rows(compute: torch.Tensor, like: torch.Tensor, full, cached) -> torch.Tensor:
-    """Stitch ``full(rows)`` for the rows where ``compute`` is true and ``cached(rows)`` for the others into one
-    tensor shaped like ``like``; when all rows take one path it is called once with ``slice(None)``."""
+Split = bool | tuple[torch.Tensor, torch.Tensor]
+
+
+def row_split(compute: torch.Tensor) -> Split:
+    """How a step's rows divide: ``True`` (all compute), ``False`` (none), or (computing rows, the others) as index
+    tensors. A fixed schedule's splits are found once per sampling call, an online heuristic's at each step."""
     if bool(compute.all()):
-        return full(slice(None))
+        return True
     if not bool(compute.any()):
+        return False
+    return compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)
+
+
+def by_rows(split: Split, like: torch.Tensor, full, cached) -> torch.Tensor:
+    """Stitch ``full(rows)`` for the computing rows of ``split`` and ``cached(rows)`` for the others into one tensor
+    shaped like ``like``; when all rows take one path it is called once with ``slice(None)``."""
+    if split is True:
+        return full(slice(None))
+    if split is False:
         return cached(slice(None))
+    idx, rest = split
     out = torch.empty_like(like)
-    idx, rest = compute.nonzero().squeeze(1), (~compute).nonzero().squeeze(1)
     out[idx] = full(idx)
     out[rest] = cached(rest)
     return out
 
 
-def blocks_or_cache(mechanism: Mechanism, step: int, compute: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+def blocks_or_cache(mechanism: Mechanism, step: int, split: Split, h: torch.Tensor, c: torch.Tensor,
                     blocks: Sequence[TransformerBlock]) -> torch.Tensor:
     """The block stack's output: rows that compute run the blocks together, the others are filled by ``mechanism``."""
-    return by_rows(compute, h, lambda rows: mechanism.full_pass(step, rows, h[rows], c[rows], blocks),
+    return by_rows(split, h, lambda rows: mechanism.full_pass(step, rows, h[rows], c[rows], blocks),
                    lambda rows: mechanism.cached_pass(step, rows, h[rows], c[rows], blocks))
 
 

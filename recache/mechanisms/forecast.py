@@ -29,20 +29,21 @@ class DividedDifferences(Mechanism):
         self.nodes = torch.full((rows, self.order + 1), float("nan"))
         self.count = torch.zeros(rows, dtype=torch.long)
 
-    def record(self, step: int, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+    def record(self, step: int | torch.Tensor, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         feature = h_out - h_in
         nodes, count = self.nodes[rows], self.count[rows]
+        at = torch.as_tensor(step, dtype=nodes.dtype).expand(nodes.shape[0])  # one step per row
         new = [feature]
         for j in range(self.order):
             if self.diffs[j].value is None:
                 new.append(torch.zeros_like(feature))
                 continue
-            gap = (step - nodes[:, j]).nan_to_num(1.0).view(-1, *[1] * (feature.dim() - 1))
+            gap = (at - nodes[:, j]).nan_to_num(1.0).view(-1, *[1] * (feature.dim() - 1))
             has = (count > j).view_as(gap)
             new.append(torch.where(has, (new[j] - self.diffs[j].read(rows)) / gap, 0.0))
         for state, value in zip(self.diffs, new, strict=True):
             state.write(rows, value)
-        self.nodes[rows] = torch.cat([torch.full_like(nodes[:, :1], float(step)), nodes[:, :-1]], dim=1)
+        self.nodes[rows] = torch.cat([at.unsqueeze(1), nodes[:, :-1]], dim=1)
         self.count[rows] = count + 1
 
     def basis(self, step: int, rows: Rows) -> list[torch.Tensor]:
@@ -51,7 +52,7 @@ class DividedDifferences(Mechanism):
 
     def cached_pass(self, step, rows, h, c, blocks):
         weights = self.basis(step, rows)
-        out = self.diffs[0].read(rows)
+        out = h + self.diffs[0].read(rows)
         for j in range(1, self.order + 1):
-            out = out + weights[j].view(-1, *[1] * (h.dim() - 1)) * self.diffs[j].read(rows)
-        return h + out
+            out = torch.addcmul(out, weights[j].view(-1, *[1] * (h.dim() - 1)), self.diffs[j].read(rows))
+        return out

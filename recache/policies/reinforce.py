@@ -32,8 +32,8 @@ from recache.mechanisms import get_mechanism
 from recache.metrics.reward import Reward
 from recache.models.pretrained import load_classifier
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
-from recache.sampling.cached import sample_cached
 from recache.sampling.pipeline import DigitPipeline
+from recache.sampling.rollouts import sample_rollouts
 from recache.schedule import Schedule
 
 CHECKPOINT, LOG, POLICY = "checkpoint.safetensors", "train_log.jsonl", "policy"
@@ -117,7 +117,7 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | No
         k = torch.randint(config.k_min, config.k_max + 1, (config.pairs,), generator=generator)
         masks, logp = policy.sample(k.repeat_interleave(G), generator)
         with torch.no_grad():
-            images, passes = sample_cached(pipe.model, noise[idx], pipe.sigmas, classes[idx], masks, mechanism, pipe.guidance)
+            images, passes = sample_rollouts(pipe.model, noise[idx], pipe.sigmas, classes[idx], masks, mechanism, pipe.guidance)
         if not torch.equal(passes, k.repeat_interleave(G)):
             raise RuntimeError(f"realised full passes {passes.tolist()} differ from the budgets {k.tolist()}")
         parts = reward(images, targets[idx], target_features[idx], classes[idx])

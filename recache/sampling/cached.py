@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import CacheableModel, Mechanism, blocks_or_cache, by_rows, run_blocks
+from recache.mechanisms.base import CacheableModel, Mechanism, by_rows, row_split, run_blocks
 from recache.sampling.euler import GuidedVelocity, sample_euler
 from recache.schedule import Schedule
 
@@ -40,39 +40,47 @@ class CachedVelocity:
         self.step, self.full_passes = 0, None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        rows, T = x.shape[0], self.masks.shape[1]
-        if rows % self.masks.shape[0]:
-            raise ValueError(f"batch of {rows} rows does not tile {self.masks.shape[0]} masks")
-        if self.step >= T:
-            raise RuntimeError(f"called for step {self.step} but the masks have T={T}; call reset() between samplings")
         if self.step == 0:
-            if self.mechanism is not None:
-                self.mechanism.reset(rows, T)
-            self.full_passes = torch.zeros(rows, dtype=torch.long)
-            self._compute = self.masks.repeat(rows // self.masks.shape[0], 1).t().contiguous()  # (T, rows)
-            self._conditions = self.model.condition(self.sigmas, cond)  # (T, rows, ...)
-        compute = self._compute[self.step]
-        v = self._velocity(x, self._conditions[self.step], compute)
-        self.full_passes += compute
+            self._start(x.shape[0], cond)
+        elif self.step >= len(self._splits):
+            raise RuntimeError(f"called for step {self.step} but the masks have T={len(self._splits)}; call reset() between samplings")
+        v = self._velocity(x, self._conditions[self.step], self._splits[self.step])
         self.step += 1
         return v
 
-    def _velocity(self, x, c, compute):
+    def _start(self, rows: int, cond: torch.Tensor) -> None:
+        """Per-call setup: fresh mechanism state, each step's split of the rows and every step's conditioning."""
+        T = self.masks.shape[1]
+        if rows % self.masks.shape[0]:
+            raise ValueError(f"batch of {rows} rows does not tile {self.masks.shape[0]} masks")
+        if self.mechanism is not None:
+            self.mechanism.reset(rows, T)
+        self.full_passes = torch.zeros(rows, dtype=torch.long)
+        self._splits = [row_split(compute) for compute in self.masks.repeat(rows // self.masks.shape[0], 1).t()]
+        # conditioning depends on (sigma, cond) alone: compute it once per distinct condition, for all T steps
+        distinct, index = torch.unique(cond, dim=0, return_inverse=True)
+        self._conditions = self.model.condition(self.sigmas, distinct)[:, index].unbind(0)  # T x (rows, ...)
+
+    def _velocity(self, x, c, split):
         model, mech, step = self.model, self.mechanism, self.step
         if mech is None:
-            return self._full_velocity(x, c)
+            self.full_passes += 1
+            return model.final(run_blocks(model.blocks, model.embed(x), c), c)
         if mech.reuses_output:  # step-skip: the model output itself is reused
             def computed(rows):
-                v = self._full_velocity(x[rows], c[rows])
+                self.full_passes[rows] += 1
+                v = model.final(run_blocks(model.blocks, model.embed(x[rows]), c[rows]), c[rows])
                 mech.record_output(rows, v)
                 return v
 
-            return by_rows(compute, x, computed, mech.cached_output)
-        return model.final(blocks_or_cache(mech, step, compute, model.embed(x), c, model.blocks), c)
+            return by_rows(split, x, computed, mech.cached_output)
 
-    def _full_velocity(self, x, c):
-        """The model's own forward pass, with this step's precomputed conditioning."""
-        return self.model.final(run_blocks(self.model.blocks, self.model.embed(x), c), c)
+        def full_pass(rows):
+            self.full_passes[rows] += 1
+            return mech.full_pass(step, rows, h[rows], c[rows], model.blocks)
+
+        h = model.embed(x)
+        return model.final(by_rows(split, h, full_pass, lambda rows: mech.cached_pass(step, rows, h[rows], c[rows], model.blocks)), c)
 
 
 def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:

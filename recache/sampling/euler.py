@@ -23,12 +23,14 @@ class GuidedVelocity:
 
     def __init__(self, model: Velocity, scale: float, null_cond: int):
         self.model, self.scale, self.null_cond = model, float(scale), null_cond
+        self._cond = self._both = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.model(x, sigma, cond)
-        both = torch.cat([cond, torch.full_like(cond, self.null_cond)])
-        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, both).chunk(2)
+        if cond is not self._cond:  # a sampler passes the same condition at every step: pair it with the null once
+            self._cond, self._both = cond, torch.cat([cond, torch.full_like(cond, self.null_cond)])
+        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, self._both).chunk(2)
         return torch.lerp(v_uncond, v_cond, self.scale)
 
 
@@ -47,12 +49,12 @@ def sample_euler(
     Gradients flow when enabled by the caller (schedule alignment learns ``sigmas`` through it); callers that
     only sample wrap it in ``torch.no_grad()``.
     """
-    x = noise
+    x, levels = noise, sigmas.unbind(0)
     steps = sigmas[1:] - sigmas[:-1]
     dts = None if steps.requires_grad and torch.is_grad_enabled() else steps.tolist()
     for i in trange(len(sigmas) - 1, disable=disable, desc="sampling"):
-        v = model(x, sigmas[i], cond)
+        v = model(x, levels[i], cond)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "velocity": v, "denoised": x - sigmas[i] * v})
+            callback({"x": x, "i": i, "sigma": levels[i], "sigma_next": levels[i + 1], "velocity": v, "denoised": x - levels[i] * v})
         x = x + steps[i] * v if dts is None else torch.add(x, v, alpha=dts[i])
     return x

@@ -15,6 +15,7 @@ from recache.models.pretrained import load_dit, read_config
 from recache.sampling.cached import masks_of, sample_cached
 from recache.sampling.euler import GuidedVelocity
 from recache.sampling.online import sample_online
+from recache.sampling.rollouts import sample_rollouts
 from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule
 
@@ -73,7 +74,8 @@ class DigitPipeline:
     def rollout(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, schedules: list[Schedule],
                 mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
         """Every schedule on every (class, seed) pair in one batched call: rows ``g * B + b`` hold schedule ``g`` on
-        pair ``b``. Returns samples (G, B, C, H, W) and realised full passes (G, B)."""
+        pair ``b``, each row on its own clock when the schedules differ (``sample_rollouts``). Returns samples
+        (G, B, C, H, W) and realised full passes (G, B)."""
         classes = self.check_pairs(classes, seeds)
         for schedule in schedules:
             if schedule.T != self.steps:
@@ -82,7 +84,8 @@ class DigitPipeline:
         G, B = len(schedules), len(classes)
         masks = masks_of(schedules).repeat_interleave(B, dim=0)
         noise = self.noise(seeds).repeat(G, 1, 1, 1)
-        out, passes = sample_cached(self.model, noise, self.sigmas_for(schedules), classes.repeat(G), masks, mechanism, self.guidance)
+        run = sample_cached if len({s.mask for s in schedules}) == 1 else sample_rollouts
+        out, passes = run(self.model, noise, self.sigmas_for(schedules), classes.repeat(G), masks, mechanism, self.guidance)
         return out.view(G, B, *out.shape[1:]), passes.view(G, B)
 
     def sigmas_for(self, schedules: list[Schedule]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from recache.errors import RecacheError
-from recache.mechanisms.base import RowState, by_rows, run_blocks
+from recache.mechanisms.base import RowState, by_rows, row_split, run_blocks
 from recache.policies.heuristics.base import OnlineHeuristic, relative_l1
 
 MODES = ("delta_minus", "delta_y")
@@ -62,7 +62,8 @@ class DiCache(OnlineHeuristic):
             self.accumulated[compute] = 0.0
         self.previous_probe, self.previous_input = probe, h
         compute = self.per_row(compute)
-        return by_rows(compute, h, lambda rows: self._computed(rows, h, probe, c, blocks), lambda rows: self._aligned(rows, h, probe)), compute
+        out = by_rows(row_split(compute), h, lambda rows: self._computed(rows, h, probe, c, blocks), lambda rows: self._aligned(rows, h, probe))
+        return out, compute
 
     def _computed(self, rows, h, probe, c, blocks):
         out = run_blocks(blocks[self.probe_depth:], probe[rows], c[rows])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import RowState, by_rows, run_blocks
+from recache.mechanisms.base import RowState, by_rows, row_split, run_blocks
 from recache.policies.heuristics.base import OnlineHeuristic, relative_l1
 
 
@@ -38,4 +38,4 @@ class FirstBlockCache(OnlineHeuristic):
             self.rest.write(rows, out - h1[rows])
             return out
 
-        return by_rows(compute, h, computed, lambda rows: h1[rows] + self.rest.read(rows)), compute
+        return by_rows(row_split(compute), h, computed, lambda rows: h1[rows] + self.rest.read(rows)), compute

@@ -14,7 +14,7 @@ import torch
 
 from recache.errors import RecacheError
 from recache.mechanisms import get_mechanism
-from recache.mechanisms.base import blocks_or_cache
+from recache.mechanisms.base import blocks_or_cache, row_split
 from recache.policies.heuristics.base import OnlineHeuristic, relative_l1
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # f(d) = d, before fitting
@@ -58,7 +58,7 @@ class TeaCache(OnlineHeuristic):
             self.accumulated[compute] = 0.0
         self.previous = indicator
         compute = self.per_row(compute)
-        return blocks_or_cache(self.mechanism, step, compute, h, c, blocks), compute
+        return blocks_or_cache(self.mechanism, step, row_split(compute), h, c, blocks), compute
 
     @classmethod
     def fit(cls, pipe, classes, seeds, options):
