@@ -7,7 +7,11 @@ import pytest
 
 from recache.cli import main
 from recache.models.pretrained import WEIGHTS_DIR
+from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
+
+_EMBEDDED = DigitPipeline.from_pretrained("mnist-dit")
+T, BLOCKS = _EMBEDDED.steps, len(_EMBEDDED.model.blocks)  # the embedded model's defaults, which the commands use
 
 
 def _fails(capsys, argv, pattern):
@@ -76,7 +80,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize("argv, pattern", [
-    (["sample", "--budget", "51"], r"budget k=51 is not allowed: use a whole number of full passes from 1 to T=50"),
+    (["sample", "--budget", str(T + 1)], rf"budget k={T + 1} is not allowed: use a whole number of full passes from 1 to T={T}"),
     (["sample", "--budget", "5", "--steps", "4"], r"budget k=5 is not allowed.*T=4"),
     (["eval", "--budgets", "5,80", "--mechanisms", "reuse"], r"budget k=80 is not allowed"),
 ])
@@ -103,7 +107,7 @@ def test_schedule_file_errors(capsys, tmp_path):
     other = tmp_path / "other.json"
     Schedule.uniform(20, 5).save(other)
     assert main(["eval", "--schedule", str(other), "--budgets", "5", "--out", str(tmp_path / "ev")]) == 2
-    _check_one_line(capsys, r"is for T=20 steps, but this run has T=50")
+    _check_one_line(capsys, rf"is for T=20 steps, but this run has T={T}")
     assert main(["sample", "--schedule", str(other), "--budget", "3", "--steps", "20", "--out", str(tmp_path / "x.png")]) == 2
     _check_one_line(capsys, r"either --schedule or --budget")
     assert not (tmp_path / "x.png").exists()
@@ -154,7 +158,7 @@ def test_eval_with_heuristics_notes_unreachable_budgets_and_resumes(capsys, tmp_
     assert {(r["policy"], r["mechanism"]) for r in rows} == {("uniform", "reuse"), ("fixed-interval", "reuse"),
                                                              ("first-block-cache", "first-block + reuse")}
     fbc = [r for r in rows if r["policy"] == "first-block-cache"]
-    assert all(r["pass_equivalents"] == pytest.approx(r["full_passes"] + (50 - r["full_passes"]) / 6) for r in fbc)
+    assert all(r["pass_equivalents"] == pytest.approx(r["full_passes"] + (T - r["full_passes"]) / BLOCKS) for r in fbc)
     assert all(sum(r["mask"]) == r["full_passes"] for r in rows)
     for png in ("schedules_k14.png", "samples_k14.png", "quality_vs_realised_k.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -172,9 +176,48 @@ def test_calibrate_command(capsys, tmp_path):
     assert "(k = 5 is out of its reach: this is the closest)" in capsys.readouterr().out
     assert json.loads(out.read_text())["heuristic"] == "magcache"
     _fails(capsys, ["calibrate", "--heuristic", "fastcache", "--budget", "5"], r"invalid choice: 'fastcache'")
-    assert main(["calibrate", "--heuristic", "teacache", "--budget", "51", "--out", str(tmp_path / "t.json")]) == 2
-    _check_one_line(capsys, r"budget k=51 is not allowed")
+    assert main(["calibrate", "--heuristic", "teacache", "--budget", str(T + 1), "--out", str(tmp_path / "t.json")]) == 2
+    _check_one_line(capsys, rf"budget k={T + 1} is not allowed")
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("out, pattern", [
+    ("file/sub/c.json", r"calibrate: error: folder .*file/sub of output file c.json is not writable"),
+    ("folder", r"calibrate: error: output file .*folder is a folder; give a file name"),
+])
+def test_calibrate_output_not_writable(capsys, tmp_path, monkeypatch, out, pattern):
+    """Checked before calibrating: one line, exit status 2, nothing written."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr("recache.cli.calibrate.calibrate", lambda *a, **k: pytest.fail("calibrated before checking the output"))
+    assert main(["calibrate", "--heuristic", "teacache", "--budget", "10", "--out", str(tmp_path / out)]) == 2
+    _check_one_line(capsys, pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
+
+
+def test_resume_evaluates_again_when_the_pairs_or_T_change(capsys, tmp_path):
+    """--resume keeps a method's rows only when they are exactly this run's (class, seed) pairs at this T."""
+    out = tmp_path / "ev"
+    argv = ["eval", "--budgets", "3", "--mechanisms", "reuse", "--timing-runs", "0", "--out", str(out), "--resume"]
+
+    def rows():
+        return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+
+    def mark():
+        (out / "rows.jsonl").write_text("".join(json.dumps({**r, "psnr": -1.0}) + "\n" for r in rows()))
+
+    assert main([*argv, "--steps", "10", "--per-class", "1"]) == 0
+    mark()
+    assert main([*argv, "--steps", "10", "--per-class", "1"]) == 0
+    assert all(r["psnr"] == -1.0 for r in rows())  # same pairs and T: kept
+    assert main([*argv, "--steps", "10", "--per-class", "2"]) == 0
+    assert len(rows()) == 20 and all(r["psnr"] != -1.0 for r in rows())  # more pairs: evaluated again, all of them
+    mark()
+    assert main([*argv, "--steps", "10", "--per-class", "1"]) == 0
+    assert len(rows()) == 10 and all(r["psnr"] != -1.0 for r in rows())  # fewer pairs: evaluated again
+    mark()
+    assert main([*argv, "--steps", "12", "--per-class", "1"]) == 0
+    assert {r["T"] for r in rows()} == {12} and all(r["psnr"] != -1.0 for r in rows())  # another T
 
 
 def test_eval_output_not_writable(capsys, tmp_path):

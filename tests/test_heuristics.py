@@ -1,5 +1,6 @@
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 
 from recache.errors import RecacheError
 from recache.evaluation import calibration_pairs
+from recache.evaluation.compare import heuristic_methods
 from recache.policies.heuristics import HEURISTICS, OnlineHeuristic, get_heuristic
 from recache.policies.heuristics.base import relative_l1
 from recache.policies.heuristics.calibrate import Calibration, calibrate, realised_passes
@@ -67,11 +69,14 @@ def test_realised_passes_are_the_steps_where_the_last_block_ran(pipe, name):
     assert 2 < masks.sum(1).min() < pipe.steps  # the calibrated threshold really skips
 
 
-@pytest.mark.parametrize("name", ONLINE)
-def test_a_sample_does_not_depend_on_its_batch(tiny_pipe, name):
-    heuristic = get_heuristic(name, 0.05)
+@pytest.mark.parametrize("name, threshold", [("teacache", 0.05), ("first-block-cache", 0.2), ("dicache", 0.002)])
+def test_a_sample_does_not_depend_on_its_batch(tiny_pipe, name, threshold):
+    assert set(ONLINE) == {"teacache", "first-block-cache", "dicache"}
+    heuristic = get_heuristic(name, threshold)
     alone, alone_mask = tiny_pipe.sample_online(heuristic, torch.tensor([4]), [11])
     both, both_masks = tiny_pipe.sample_online(heuristic, torch.tensor([4, 9]), [11, 12])
+    assert not alone_mask.all()  # steps really skipped ...
+    assert not torch.equal(both_masks[0], both_masks[1])  # ... and at different steps for the two samples of the batch
     assert torch.equal(alone_mask[0], both_masks[0])
     assert torch.allclose(alone[0], both[0], atol=1e-5)
 
@@ -114,6 +119,59 @@ def test_calibration_reaches_the_budget_and_round_trips(pipe, tmp_path):
     assert Calibration.load(tmp_path / "c.json", T=50, model="mnist-dit") == calibration
 
 
+def test_bisection_stops_when_midpoints_repeat(pipe):
+    """k = 5 is out of MagCache's reach (retention prefix): bisection closes in on one float, where midpoints repeat;
+    it must still stop after ``iterations``, not spin."""
+    def stuck(signum, frame):
+        raise TimeoutError("calibration did not stop")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        calibration = calibrate("magcache", 5, pipe, *calibration_pairs(2), {"ratios": [1.0] + [0.99] * 49}, iterations=500, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not calibration.reachable and calibration.mean_k == 9
+
+
+def test_a_saved_calibration_is_reused_only_when_everything_matches(tiny_dit, tmp_path):
+    """A calibration saved for another guidance, T or number of pairs (or in an older format) is redone and
+    overwritten, neither reused nor an error. The marker: a saved interval of 5 instead of the calibrated 3."""
+    def run(pipe, pairs=2):
+        (method,) = heuristic_methods(["fixed-interval"], [4], pipe, ["reuse"], tmp_path, pairs=pairs, progress=False)[0]
+        return method.schedule.steps
+
+    def mark(**changes):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "threshold": 5.0, **changes}))
+
+    path = tmp_path / "fixed-interval-k4.json"
+    pipe = DigitPipeline(tiny_dit, get_sigmas("linear", 12), guidance=2.0, model_id="tiny")
+    assert run(pipe) == [0, 3, 6, 9]
+    mark()
+    assert run(pipe) == [0, 5, 10]  # everything matches: reused
+    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 12), guidance=3.0, model_id="tiny")) == [0, 3, 6, 9]
+    assert json.loads(path.read_text())["guidance"] == 3.0
+    mark()
+    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny")) == [0, 4, 8, 12]
+    assert json.loads(path.read_text())["T"] == 16
+    mark()
+    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny"), pairs=3) == [0, 4, 8, 12]
+    mark(format="recache.heuristic/v1")
+    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny"), pairs=3) == [0, 4, 8, 12]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # overwritten in place, no temporary file left
+
+
+def test_calibration_records_what_it_depends_on(tiny_pipe):
+    calibration = calibrate("dicache", 6, tiny_pipe, *calibration_pairs(2), iterations=4, progress=False)
+    assert (calibration.model, calibration.T, calibration.guidance, calibration.sigmas, calibration.pairs) == ("tiny", 12, 2.0, "linear", 2)
+    assert calibration.settings == {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0}
+    assert calibration.matches("dicache", 6, tiny_pipe, 2)
+    assert not calibration.matches("dicache", 6, tiny_pipe, 2, {"mode": "delta_y"})
+    assert not calibration.matches("dicache", 7, tiny_pipe, 2)
+
+
 def test_unreachable_budgets_report_the_closest(pipe):
     classes, seeds = calibration_pairs(2)
     fixed = calibrate("fixed-interval", 14, pipe, classes, seeds, progress=False)
@@ -123,21 +181,23 @@ def test_unreachable_budgets_report_the_closest(pipe):
 
 
 @pytest.mark.parametrize("edit, pattern", [
-    (lambda d: d.update(format="other"), r"is not a recache.heuristic/v1 file"),
+    (lambda d: d.update(format="recache.heuristic/v1"), r"is not a recache.heuristic/v2 file"),
     (lambda d: d.update(threshold=-1.0), r"threshold -1.0 is not allowed"),
     (lambda d: d.update(threshold=float("nan")), r"threshold nan is not allowed"),
     (lambda d: d.update(heuristic="fastcache"), r"unknown heuristic 'fastcache'"),
     (lambda d: d.update(surprise=1), r"missing or unknown fields"),
     (lambda d: d.pop("target_k"), r"missing or unknown fields"),
+    (lambda d: d.pop("guidance"), r"missing or unknown fields"),
     (lambda d: d.update(T=20), r"is for T=20 steps, but this run has T=50"),
     (lambda d: d.update(model="flux"), r"was made for model 'flux'"),
     (lambda d: d["options"].update(mode="delta_z"), r"dicache mode 'delta_z' is not allowed"),
     (lambda d: d["options"].update(probe_depth=0), r"probe_depth 0 is not allowed"),
 ])
 def test_bad_calibration_files(tmp_path, edit, pattern):
-    data = {"format": "recache.heuristic/v1", "heuristic": "dicache", "threshold": 0.1,
+    data = {"format": "recache.heuristic/v2", "heuristic": "dicache", "threshold": 0.1,
             "options": {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0},
-            "target_k": 10, "mean_k": 10.0, "pairs": 32, "model": "mnist-dit", "T": 50}
+            "target_k": 10, "mean_k": 10.0, "pairs": 32, "model": "mnist-dit", "T": 50, "guidance": 4.0, "sigmas": "linear",
+            "settings": {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0}}
     edit(data)
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(RecacheError, match=pattern):

@@ -46,7 +46,22 @@ def test_headline_picks_the_best_at_the_budget_and_pairs_the_change():
     assert (entry["uniform"]["mechanism"], entry["best heuristic"]["policy"], entry["ReCache"]["mechanism"]) == ("taylorseer", "teacache", "hicache")
     assert entry["vs best heuristic"]["relative"] == pytest.approx(0.6 / 0.8 - 1)
     assert entry["vs uniform"]["relative"] == pytest.approx(0.6 / 0.9 - 1)
-    assert "| -25.0 % ± " in table and "magcache" not in table
+    (row,) = [line for line in table.splitlines() if line.startswith("| 5 |")]
+    assert "| -25.0 % ± " in row and "magcache" not in row
+    assert "- Left out at k = 5: magcache / reuse (realised k = 9.00): more than half a pass from the budget." in table.splitlines()
+
+
+def test_headline_says_which_budgets_it_leaves_out():
+    from recache.evaluation.compare import headline
+
+    base = [1.0, 2.0, 3.0, 4.0]
+    rows = _rows("uniform", base) + _rows("recache", base, "hicache") + _with_passes(_rows("magcache", base), 9)
+    entries, table = headline(rows, [5])
+    assert entries == []
+    assert table.splitlines() == ["- No row at k = 5: no calibrated heuristic within half a pass of the budget "
+                                  "(left out: magcache / reuse (realised k = 9.00))."]
+    assert headline(rows, [7]) == ([], "")  # nothing evaluated at k = 7: nothing to say
+    assert headline(_rows("uniform", base) + _rows("teacache", base), [5]) == ([], "")  # no ReCache at all: no headline
 
 
 def test_summary_reports_the_spread_of_realised_budgets():

@@ -6,9 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from recache.cli.options import add_model_options, positive_int
-from recache.evaluation import calibration_pairs
-from recache.evaluation.compare import CALIBRATION_PAIRS
+from recache.cli.options import add_model_options, check_writable_file, positive_int
+from recache.evaluation import CALIBRATION_PAIRS, calibration_pairs
 from recache.policies.heuristics import HEURISTICS
 from recache.policies.heuristics.calibrate import calibrate
 from recache.sampling.pipeline import DigitPipeline
@@ -29,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     check_budget(args.budget, pipe.steps)
     out = Path(args.out or f"runs/calibrate/{args.heuristic}-k{args.budget}.json")
+    check_writable_file(out)  # before the calibration, not after it
     classes, seeds = calibration_pairs(args.pairs)
     start = time.perf_counter()
     calibration = calibrate(args.heuristic, args.budget, pipe, classes, seeds)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from recache.cli.options import check_writable, int_list, mechanism_list
 from recache.errors import RecacheError
-from recache.evaluation import heldout_pairs
+from recache.evaluation import CALIBRATION_PAIRS, heldout_pairs
 from recache.evaluation.compare import headline, heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
 from recache.io import write_text
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", type=int_list, default=[5, 10], help="budgets k of T = 50 to compare (default: 5,10, i.e. 10x and 5x)")
     p.add_argument("--mechanisms", type=mechanism_list, default=mechanism_list(DEMO_MECHANISMS),
                    help=f"mechanisms for the uniform and learned schedules (default: {DEMO_MECHANISMS})")
-    p.add_argument("--resume", action="store_true", help="keep the methods already evaluated in OUT/rows.jsonl")
+    p.add_argument("--resume", action="store_true", help="keep the methods already evaluated in OUT/rows.jsonl on the same pairs")
     p.set_defaults(run=run)
 
 
@@ -55,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
             methods += [Method("recache", m, k, policy.schedule(k)) for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
     if not any(m.policy == "recache" for m in methods):
         raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} with mechanisms {', '.join(args.mechanisms)}")
-    for k in args.budgets:
-        print(f"BudCache search, k = {k}, {SEARCH_MECHANISM} ...")
-        folder = out / "search" / f"{SEARCH_MECHANISM}-k{k}"
-        searched = Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists() else \
-            search_schedule(SearchConfig(k=k, mechanism=SEARCH_MECHANISM), pipe, folder, resume=True)[0]
-        methods.append(Method("budcache", SEARCH_MECHANISM, k, searched))
+    searches = [SearchConfig(k=k, mechanism=SEARCH_MECHANISM) for k in args.budgets]
+    for config in searches:
+        print(f"BudCache search, k = {config.k}, {SEARCH_MECHANISM} ...")
+        folder = out / "search" / f"{SEARCH_MECHANISM}-k{config.k}"
+        searched = Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists() else search_schedule(config, pipe, folder, resume=True)[0]
+        methods.append(Method("budcache", SEARCH_MECHANISM, config.k, searched))
     print(f"calibrating {', '.join(HEURISTICS)} to k = {', '.join(map(str, args.budgets))} ...")
     found, notes = heuristic_methods(list(HEURISTICS), args.budgets, pipe, args.mechanisms, out / "calibrations")
     methods += found
@@ -71,14 +71,16 @@ def run(args: argparse.Namespace) -> int:
     intro = (f"Embedded model mnist-dit (T = {pipe.steps} Euler steps, CFG {pipe.guidance:g}); {len(seeds)} held-out (class, seed) "
              f"pairs, never used for training, search or calibration; every metric against the uncached sample from the same "
              f"noise and class. Uncached sampling of the {len(seeds)} pairs: {result['reference_seconds']:.2f} s. ReCache: the "
-             f"shipped policies; BudCache: searched here on 8 calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds "
-             f"calibrated here to each budget on 32 calibration pairs; TeaCache, FirstBlockCache and DiCache fill skipped steps "
-             f"their own way, MagCache and the fixed interval give a fixed schedule, run with each mechanism. "
+             f"shipped policies; BudCache: searched here on {searches[0].pairs} calibration pairs with {SEARCH_MECHANISM}; "
+             f"heuristics: thresholds calibrated here to each budget on {CALIBRATION_PAIRS} calibration pairs; TeaCache, "
+             f"FirstBlockCache and DiCache fill skipped steps their own way, MagCache and the fixed interval give a fixed "
+             f"schedule, run with each mechanism. "
              f"Demo time: {time.perf_counter() - start:.0f} s.\n\n"
              f"![uncached samples](samples.png)")
     write_text(out / "report.md", markdown_report(result, "recache demo: equal-budget comparison", intro, notes))
     _, table = headline(result["rows"], result["budgets"])
-    print(f"\nclassifier feature distance to uncached (lower is better):\n{table}")
+    if table:
+        print(f"\nclassifier feature distance to uncached (lower is better):\n{table}")
     for note in notes:
         print(f"note: {note}")
     print(f"report: {out / 'report.md'} ({time.perf_counter() - start:.0f} s)")

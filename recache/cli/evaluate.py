@@ -10,14 +10,15 @@ from recache.cli.options import (
     add_model_options,
     add_policy_options,
     check_writable,
+    heuristic_list,
     int_list,
     load_policy,
     mechanism_list,
     nonnegative_int,
     positive_int,
 )
-from recache.evaluation import BUDGETS, calibration_pairs, heldout_pairs
-from recache.evaluation.compare import CALIBRATION_PAIRS, heuristic_methods, markdown_report, run_comparison
+from recache.evaluation import BUDGETS, CALIBRATION_PAIRS, calibration_pairs, heldout_pairs
+from recache.evaluation.compare import heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
 from recache.evaluation.report import markdown_table
 from recache.io import write_text
@@ -25,16 +26,6 @@ from recache.mechanisms import MECHANISMS
 from recache.policies.heuristics import HEURISTICS
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule, check_budget
-
-
-def _heuristics(text: str) -> list[str]:
-    names = list(HEURISTICS) if text == "all" else [n for n in text.split(",") if n]
-    if not names:
-        raise argparse.ArgumentTypeError(f"no heuristic named; choose from {', '.join(HEURISTICS)} or 'all'")
-    for name in names:
-        if name not in HEURISTICS:
-            raise argparse.ArgumentTypeError(f"unknown heuristic {name!r}; choose from {', '.join(HEURISTICS)} or 'all'")
-    return names
 
 
 def add_parser(sub) -> None:
@@ -46,12 +37,13 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", action="append", default=[],
                    help="also evaluate a trained policy (folder or shipped name) at every budget, with its own mechanism (repeatable)")
     add_policy_options(p)
-    p.add_argument("--heuristics", type=_heuristics, default=[],
+    p.add_argument("--heuristics", type=heuristic_list, default=[],
                    help=f"threshold heuristics to calibrate to every budget and compare: comma-separated from {', '.join(HEURISTICS)}, or all")
     p.add_argument("--calibration-pairs", type=positive_int, default=CALIBRATION_PAIRS,
                    help=f"calibration pairs for the heuristics' thresholds (default: {CALIBRATION_PAIRS})")
     p.add_argument("--resume", action="store_true",
-                   help="keep the methods already in OUT/rows.jsonl (calibrations in OUT/calibrations are reused whenever they match)")
+                   help="keep the methods already in OUT/rows.jsonl whose rows cover exactly this run's pairs and T "
+                        "(calibrations in OUT/calibrations are reused whenever they match)")
     p.add_argument("--pairs", choices=("heldout", "calibration"), default="heldout",
                    help="held-out seeds (default), or the calibration seeds policies are trained on, to see overfitting")
     p.add_argument("--per-class", type=positive_int, default=10, help="held-out pairs per class (default: 10)")

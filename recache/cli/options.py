@@ -75,6 +75,18 @@ def mechanism_list(text: str) -> list[str]:
     return names
 
 
+def heuristic_list(text: str) -> list[str]:
+    from recache.policies.heuristics import HEURISTICS
+
+    names = list(HEURISTICS) if text == "all" else [n for n in text.split(",") if n]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no heuristic named; choose from {', '.join(HEURISTICS)} or 'all'")
+    for name in names:
+        if name not in HEURISTICS:
+            raise argparse.ArgumentTypeError(f"unknown heuristic {name!r}; choose from {', '.join(HEURISTICS)} or 'all'")
+    return names
+
+
 def add_model_options(parser: argparse.ArgumentParser, seed_help: str = "seed of the initial noise (default: 0)") -> None:
     parser.add_argument("--model", default="mnist-dit", help="embedded model name or a saved model folder (default: mnist-dit)")
     parser.add_argument("--steps", type=positive_int, default=50, help="number of sampler steps T (default: 50)")
@@ -128,8 +140,8 @@ def resolve_schedule(args: argparse.Namespace, pipe):
     return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=mechanism, sigmas=pipe.sigma_schedule), mechanism
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, with a clear message, when results could not be written to ``folder``."""
+def check_writable(folder: Path, what: str | None = None) -> None:
+    """Fail early, with a clear message, when results could not be written to ``folder`` (``what`` names it)."""
     from recache.errors import RecacheError
 
     try:
@@ -138,4 +150,13 @@ def check_writable(folder: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise RecacheError(f"output folder {folder} is not writable ({e.strerror})") from None
+        raise RecacheError(f"{what or f'output folder {folder}'} is not writable ({e.strerror})") from None
+
+
+def check_writable_file(path: Path) -> None:
+    """Fail early when the output file ``path`` could not be written: it is a folder, or its folder is not writable."""
+    from recache.errors import RecacheError
+
+    if path.is_dir():
+        raise RecacheError(f"output file {path} is a folder; give a file name")
+    check_writable(path.parent, f"folder {path.parent} of output file {path.name}")

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from recache.errors import RecacheError
 from recache.evaluation.evaluate import Method, evaluate, make_reference
 from recache.evaluation.plots import plot_quality_vs_budget, plot_quality_vs_cost, plot_sample_strips, plot_schedule_heatmap
-from recache.evaluation.protocol import calibration_pairs
+from recache.evaluation.protocol import CALIBRATION_PAIRS, calibration_pairs
 from recache.evaluation.report import markdown_paired_table, markdown_table, paired_comparison, summarize, write_jsonl
 from recache.io import write_json
 from recache.metrics import mean_and_se
@@ -22,24 +22,23 @@ from recache.models.pretrained import load_classifier
 from recache.policies.heuristics import HEURISTICS, OnlineHeuristic
 from recache.policies.heuristics.calibrate import Calibration, calibrate
 
-CALIBRATION_PAIRS = 32
-
 
 def heuristic_methods(names: Sequence[str], budgets: Sequence[int], pipe, mechanisms: Sequence[str], folder: Path,
                       pairs: int = CALIBRATION_PAIRS, progress: bool = True) -> tuple[list[Method], list[str]]:
     """Each heuristic calibrated to each budget on calibration pairs (a JSON file per pair in ``folder``, reused
-    when it matches), as methods: online heuristics with their own fill, fixed-schedule ones with each mechanism.
-    Also returns a note for every budget a heuristic cannot reach (it is then evaluated at the closest)."""
+    only when it matches this run in full, else recalibrated and overwritten), as methods: online heuristics with
+    their own fill, fixed-schedule ones with each mechanism. Also returns a note for every budget a heuristic
+    cannot reach (it is then evaluated at the closest)."""
     classes, seeds = calibration_pairs(pairs)
     methods, notes = [], []
     for name in names:
         fitted = {}  # constants fitted once per heuristic (TeaCache's polynomial, MagCache's ratios)
         for k in budgets:
             path = folder / f"{name}-k{k}.json"
-            calibration = Calibration.load(path, T=pipe.steps, model=pipe.model_id) if path.exists() else None
-            if calibration is None or calibration.pairs != pairs or calibration.target_k != k:
-                calibration = calibrate(name, k, pipe, classes, seeds, fitted, progress=progress)
-                calibration.save(path)
+            calibration = _saved_calibration(path)
+            if calibration is None or not calibration.matches(name, k, pipe, pairs):
+                calibration = calibrate(name, k, pipe, classes, seeds, progress=progress, fitted=fitted)
+                calibration.save(path)  # atomic: replaces a stale file whole
             fitted = calibration.options
             if not calibration.reachable:
                 notes.append(f"{name} cannot reach k = {k} on the calibration pairs; evaluated at the closest it reaches, "
@@ -52,15 +51,23 @@ def heuristic_methods(names: Sequence[str], budgets: Sequence[int], pipe, mechan
     return methods, notes
 
 
+def _saved_calibration(path: Path) -> Calibration | None:
+    """The calibration saved at ``path``, or None when there is none or it cannot be read (it is then redone)."""
+    try:
+        return Calibration.load(path) if path.exists() else None
+    except RecacheError:
+        return None
+
+
 def _key(policy: str, mechanism: str, k: int) -> tuple[str, str, int]:
     return policy, mechanism, k
 
 
 def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor, seeds: list[int], timing_runs: int = 3,
                    resume: bool = False, progress: bool = True) -> dict:
-    """Evaluate every method; ``rows.jsonl`` is rewritten after each one, so ``resume`` skips the methods already
-    in it. Writes ``rows.jsonl``, ``summary.json`` and the plots; returns rows, summary, paired comparisons and the
-    uncached samples."""
+    """Evaluate every method; ``rows.jsonl`` is rewritten after each one, so ``resume`` keeps the methods already
+    in it whose rows cover exactly these (class, seed) pairs at this T, and evaluates the others again. Writes
+    ``rows.jsonl``, ``summary.json`` and the plots; returns rows, summary, paired comparisons and the uncached samples."""
     keys = [_key(m.policy, m.mechanism, m.k) for m in methods]
     if not methods:
         raise RecacheError("nothing to evaluate: the list of policies, budgets and mechanisms is empty")
@@ -70,9 +77,7 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
     ref = make_reference(pipe, classifier, classes, seeds)
     rows: list[dict] = []
     if resume and (out / "rows.jsonl").exists():
-        pairs = {(int(c), int(s)) for c, s in zip(classes, seeds, strict=True)}
-        kept = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
-        rows = [r for r in kept if (r["class"], r["seed"]) in pairs and _key(r["policy"], r["mechanism"], r["k"]) in keys]
+        rows = _complete_rows(out / "rows.jsonl", keys, classes, seeds, pipe.steps)
     done = {_key(r["policy"], r["mechanism"], r["k"]) for r in rows}
     for method, key in tqdm(list(zip(methods, keys, strict=True)), desc="methods", disable=not progress):
         if key not in done:
@@ -91,6 +96,18 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
     return {"rows": rows, "summary": summary, "paired": paired, "reference": ref.images, "reference_seconds": ref.seconds, "budgets": budgets}
 
 
+def _complete_rows(path: Path, keys: list[tuple], classes: torch.Tensor, seeds: list[int], T: int) -> list[dict]:
+    """The rows of ``path`` for the methods in ``keys`` whose rows are exactly one per (class, seed) pair, at ``T``."""
+    pairs = sorted((int(c), int(s)) for c, s in zip(classes, seeds, strict=True))
+    by_key: dict[tuple, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), []).append(r)
+    return [r for key, group in by_key.items() if key in keys and all(r.get("T") == T for r in group)
+            and sorted((r["class"], r["seed"]) for r in group) == pairs for r in group]
+
+
 def _sample_strips(pipe, methods: list[Method], ref, path: Path, pairs: int = 10) -> None:
     """Uncached vs each method on the first ``pairs`` evaluation pairs (one per class in the protocol's order)."""
     classes, seeds = ref.classes[:pairs], ref.seeds[:pairs]
@@ -102,19 +119,29 @@ def _sample_strips(pipe, methods: list[Method], ref, path: Path, pairs: int = 10
 def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_distance") -> tuple[list[dict], str]:
     """Per budget: the best uniform, best calibrated heuristic and best learned (ReCache) row by ``metric`` (any
     mechanism) among those whose mean realised k is within half a pass of the budget, and ReCache's relative change
-    against the other two, with the paired standard error."""
+    against the other two, with the paired standard error. Below the table, a line for every method left out for
+    missing the budget, and for every budget left without a row because of it ("" when there is nothing to show)."""
     by_key: dict[tuple, dict] = {}
     for r in rows:
         by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), {})[(r["class"], r["seed"])] = r
     groups = {"uniform": lambda p: p == "uniform", "best heuristic": lambda p: p in HEURISTICS, "ReCache": lambda p: p.startswith("recache")}
-    entries, lines = [], []
+    names = {"uniform": "uniform schedule", "best heuristic": "calibrated heuristic", "ReCache": "ReCache policy"}
+    entries, lines, left_out = [], [], []
     for k in budgets:
+        evaluated = {group: [(key, samples, sum(r["full_passes"] for r in samples.values()) / len(samples))
+                             for key, samples in by_key.items() if key[2] == k and member(key[0])] for group, member in groups.items()}
+        if not all(evaluated.values()):
+            continue  # a kind of method not evaluated at this budget: no headline row to speak of
         best = {}
-        for group, member in groups.items():
-            candidates = [(key, samples) for key, samples in by_key.items() if key[2] == k and member(key[0])
-                          and abs(sum(r["full_passes"] for r in samples.values()) / len(samples) - k) <= 0.5]  # at the budget only
-            if candidates:
-                best[group] = min(candidates, key=lambda c: sum(r[metric] for r in c[1].values()) / len(c[1]))
+        for group, members in evaluated.items():
+            at_budget = [(key, samples) for key, samples, realised in members if abs(realised - k) <= 0.5]
+            off = [f"{key[0]} / {key[1]} (realised k = {realised:.2f})" for key, _, realised in members if abs(realised - k) > 0.5]
+            if not at_budget:
+                left_out.append(f"- No row at k = {k}: no {names[group]} within half a pass of the budget (left out: {', '.join(off)}).")
+                continue
+            best[group] = min(at_budget, key=lambda c: sum(r[metric] for r in c[1].values()) / len(c[1]))
+            if off:
+                left_out.append(f"- Left out at k = {k}: {', '.join(off)}: more than half a pass from the budget.")
         if len(best) < 3:
             continue
         entry = {"k": k}
@@ -133,8 +160,9 @@ def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_di
                      + " | ".join(f"{100 * entry[f'vs {o}']['relative']:+.1f} % ± {100 * entry[f'vs {o}']['relative_se']:.1f}"
                                   for o in ("best heuristic", "uniform")) + " |")
     table = ("| k of T | uniform (best mechanism) | best calibrated heuristic | ReCache (best mechanism) | ReCache vs heuristic | "
-             "ReCache vs uniform |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
-    return entries, table
+             "ReCache vs uniform |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n") if entries else ""
+    notes = "\n".join(left_out) + "\n" if left_out else ""
+    return entries, table + ("\n" if table and notes else "") + notes
 
 
 def _cell(e: dict, metric: str) -> str:
@@ -146,8 +174,9 @@ def markdown_report(result: dict, title: str, intro: str, notes: Sequence[str] =
     """The comparison as Markdown: headline, notes, full table, paired comparisons and the plots."""
     entries, head = headline(result["rows"], result["budgets"])
     text = f"# {title}\n\n{intro}\n\n"
-    if entries:  # only when uniform, a heuristic and ReCache were all evaluated
+    if head:  # only when uniform, a heuristic and ReCache were all evaluated at some budget
         text += f"## Headline: classifier feature distance to the uncached sample (lower is better)\n\n{head}\n"
+    if entries:
         text += "Cells: mean feature distance (policy / mechanism, mean realised k, measured speed-up). Relative change of " \
                 "ReCache against the other column, ± paired standard error over the same pairs.\n\n"
     if notes:

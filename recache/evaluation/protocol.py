@@ -13,6 +13,7 @@ BUDGETS = (5, 7, 10, 14, 20)
 HELDOUT_SEED_BASE = 900_000
 HELDOUT_PER_CLASS = 10  # 100 held-out (class, seed) pairs
 NUM_CLASSES = 10
+CALIBRATION_PAIRS = 32  # (class, seed) pairs a threshold heuristic is calibrated on, seeds 0..31
 
 
 def heldout_pairs(per_class: int = HELDOUT_PER_CLASS) -> tuple[torch.Tensor, list[int]]:

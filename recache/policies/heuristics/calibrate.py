@@ -1,8 +1,9 @@
 """Calibrate a threshold heuristic to a target budget: bisection on its threshold until the mean realised number
 of full passes over the calibration pairs matches ``k`` (methods section 6: equal-budget comparisons).
 
-The result is a small JSON artefact (threshold, fitted constants, the mean k it reached) that ``recache eval``
-and ``recache demo`` reuse. A budget a heuristic cannot reach (MagCache's retention prefix, a fixed interval's
+The result is a small JSON artefact (threshold, fitted constants, the mean k it reached, and everything it
+depends on: model, T, guidance, sigma schedule, the heuristic's settings, pairs, target k) that ``recache eval``
+and ``recache demo`` reuse only when all of these match. A budget a heuristic cannot reach (MagCache's retention prefix, a fixed interval's
 ``ceil(T / N)``) is reported with the closest one it can.
 """
 
@@ -22,7 +23,7 @@ from recache.io import write_json
 from recache.policies.heuristics import HEURISTICS, Heuristic, StaticHeuristic, get_heuristic
 from recache.schedule import check_budget
 
-FORMAT = "recache.heuristic/v1"
+FORMAT = "recache.heuristic/v2"
 
 
 @dataclass
@@ -32,9 +33,18 @@ class Calibration:
     options: dict
     target_k: int
     mean_k: float  # on the calibration pairs
-    pairs: int
+    pairs: int  # calibration_pairs(pairs): seeds 0..pairs-1
     model: str
     T: int
+    guidance: float
+    sigmas: str  # the sigma schedule's name
+    settings: dict  # the heuristic's options before fitting, defaults filled in (see ``heuristic_settings``)
+
+    def matches(self, name: str, target_k: int, pipe, pairs: int, options: dict | None = None) -> bool:
+        """Whether this calibration was made for this heuristic and settings, budget, pipeline and pairs."""
+        mine = (self.heuristic, self.target_k, self.model, self.T, self.guidance, self.sigmas, self.pairs, self.settings)
+        return mine == (name, target_k, pipe.model_id, pipe.steps, float(pipe.guidance), pipe.sigma_schedule, pairs,
+                        heuristic_settings(name, options))
 
     @property
     def reachable(self) -> bool:
@@ -71,6 +81,11 @@ class Calibration:
         return calibration
 
 
+def heuristic_settings(name: str, options: dict | None = None) -> dict:
+    """A heuristic's options before any fitting, its defaults filled in (as JSON would give them back)."""
+    return json.loads(json.dumps(get_heuristic(name, 1.0, **(options or {})).options()))
+
+
 def realised_passes(heuristic: Heuristic, pipe, classes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Full passes per sample on these pairs (the same for every sample of a static heuristic)."""
     if isinstance(heuristic, StaticHeuristic):
@@ -79,13 +94,16 @@ def realised_passes(heuristic: Heuristic, pipe, classes: torch.Tensor, seeds: li
 
 
 def calibrate(name: str, target_k: int, pipe, classes: torch.Tensor, seeds: list[int], options: dict | None = None,
-              iterations: int = 24, progress: bool = True) -> Calibration:
-    """The threshold whose mean realised k on the pairs is closest to ``target_k`` (ties: the cheaper one)."""
+              iterations: int = 24, progress: bool = True, fitted: dict | None = None) -> Calibration:
+    """The threshold whose mean realised k on the pairs is closest to ``target_k`` (ties: the cheaper one), from at
+    most ``iterations`` measured thresholds (bracket included). ``options`` are the heuristic's settings; ``fitted``,
+    constants already fitted for them on this pipeline and these pairs (another budget's calibration options)."""
     check_budget(target_k, pipe.steps)
     if name not in HEURISTICS:
         raise RecacheError(f"unknown heuristic {name!r}; choose one of {', '.join(HEURISTICS)}")
     cls = HEURISTICS[name]
-    options = cls.fit(pipe, classes, seeds, dict(options or {}))
+    settings = heuristic_settings(name, options)
+    options = cls.fit(pipe, classes, seeds, {**(options or {}), **(fitted or {})})
     tried: dict[float, float] = {}
     bar = tqdm(desc=f"calibrate {name} to k={target_k}", total=iterations, disable=not progress, leave=False)
 
@@ -110,12 +128,17 @@ def calibrate(name: str, target_k: int, pipe, classes: torch.Tensor, seeds: list
             if measure(hi) <= target_k:
                 break
             hi *= 10
-        while len(tried) < iterations and min(abs(k - target_k) for k in tried.values()) > tolerance:
+        for _ in range(iterations - len(tried)):  # a plain counter: a midpoint met before does not stall it
+            if min(abs(k - target_k) for k in tried.values()) <= tolerance:
+                break
             mid = math.sqrt(lo * hi)
+            if mid in (lo, hi):  # lo and hi are adjacent floats: nothing left to split
+                break
             if measure(mid) > target_k:
                 lo = mid
             else:
                 hi = mid
     bar.close()
     threshold = min(tried, key=lambda t: (abs(tried[t] - target_k), tried[t]))
-    return Calibration(name, threshold, options, target_k, tried[threshold], len(seeds), pipe.model_id, pipe.steps)
+    return Calibration(name, threshold, options, target_k, tried[threshold], len(seeds), pipe.model_id, pipe.steps,
+                       float(pipe.guidance), pipe.sigma_schedule, settings)
