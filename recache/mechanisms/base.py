@@ -52,8 +52,8 @@ class Mechanism:
         self.rows, self.total_steps = rows, steps
 
     def full_pass(self, step: int | torch.Tensor, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
-        """Run every block on these rows and record what the mechanism keeps. ``step`` is the rows' step, or one step
-        per row when rows run on their own clocks (batched rollouts); a cached pass always has one step for all."""
+        """Run every block on these rows and record what the mechanism keeps. ``step`` is the rows' step, or a tensor
+        of one step per row when rows run on their own clocks (batched rollouts); the same holds for every method."""
         h_out = run_blocks(blocks, h, c)
         self.record(step, rows, h, h_out)
         return h_out

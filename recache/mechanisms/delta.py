@@ -9,7 +9,9 @@ publish them for these models.
 
 from __future__ import annotations
 
-from recache.mechanisms.base import Mechanism, RowState, run_blocks
+import torch
+
+from recache.mechanisms.base import Mechanism, RowState, by_rows, row_split, run_blocks
 
 
 class Delta(Mechanism):
@@ -33,7 +35,15 @@ class Delta(Mechanism):
         return out
 
     def cached_pass(self, step, rows, h, c, blocks):
-        split = self._split(blocks)
-        if step < (self.boundary if self.boundary is not None else self.total_steps // 2):
-            return run_blocks(blocks[:split], h, c) + self.rear.read(rows)
-        return run_blocks(blocks[split:], h + self.front.read(rows), c)
+        early = torch.as_tensor(step) < (self.boundary if self.boundary is not None else self.total_steps // 2)
+        split = row_split(early.expand(h.shape[0]))
+        if not isinstance(split, tuple):  # all rows in one stage
+            return (self._early if split else self._late)(rows, h, c, blocks)
+        ids = torch.arange(self.rows)[rows]  # rows of this mechanism's state
+        return by_rows(split, h, lambda r: self._early(ids[r], h[r], c[r], blocks), lambda r: self._late(ids[r], h[r], c[r], blocks))
+
+    def _early(self, rows, h, c, blocks):
+        return run_blocks(blocks[: self._split(blocks)], h, c) + self.rear.read(rows)
+
+    def _late(self, rows, h, c, blocks):
+        return run_blocks(blocks[self._split(blocks):], h + self.front.read(rows), c)

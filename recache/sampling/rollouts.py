@@ -2,8 +2,8 @@
 
 A synchronous batch runs step ``i`` for every row at once, so G schedules that compute on different steps run
 the blocks at most steps, each time on a few rows. Here the j-th full pass of every row runs in one batched call,
-each row at its own step (its j-th computed step); between two full passes the rows take their cached steps,
-those at the same step index together. G schedules of budget k then cost k batched full passes, whichever steps
+each row at its own step (its j-th computed step); between two full passes the rows take their cached steps
+together, one step each, every row at its own step. G schedules of budget k then cost k batched full passes, whichever steps
 they pick. Every row does the arithmetic of a separate run (the same conditioning, mechanism state, CFG and Euler
 update), so the results equal separate runs up to the rounding of batched matrix products.
 """
@@ -15,27 +15,35 @@ import torch
 from recache.mechanisms.base import CacheableModel, Mechanism, run_blocks
 
 
-def row_plan(masks: torch.Tensor) -> list[tuple[str, list[int], int | list[int]]]:
-    """The order of work for per-row clocks: ``("cached", samples, step)`` and ``("full", samples, steps)`` entries.
-
-    Before each row's j-th computed step, every row still short of its own next computed step takes its cached
-    steps, grouped by step index; then the j-th full passes of all rows that have one run together."""
+def row_plan(masks: torch.Tensor) -> list[tuple[str, list[int], list[int]]]:
+    """The order of work on per-row clocks: ``(kind, samples, steps)`` entries, ``kind`` "cached" or "full", one
+    step per sample. Before the rows' j-th full passes, every row takes the cached steps up to its own j-th computed
+    step, all rows one step each per entry; then the j-th full passes of all rows that have one run together."""
     T = masks.shape[1]
     computed = [m.nonzero().squeeze(1).tolist() for m in masks]
     position, plan = [0] * len(computed), []
     for j in range(max(len(c) for c in computed) + 1):
         target = [c[j] if j < len(c) else T for c in computed]
-        for i in range(min(position), max(target)):
-            rows = [s for s, (p, t) in enumerate(zip(position, target, strict=True)) if p <= i < t]
-            if rows:
-                plan.append(("cached", rows, i))
-        position = list(target)
+        gaps = [t - p for p, t in zip(position, target, strict=True)]
+        for tick in range(max(gaps)):
+            rows = [s for s, gap in enumerate(gaps) if tick < gap]
+            plan.append(("cached", rows, [position[s] + tick for s in rows]))
         rows = [s for s, c in enumerate(computed) if j < len(c)]
         if rows:
             plan.append(("full", rows, [target[s] for s in rows]))
-            for s in rows:
-                position[s] += 1
+        position = [t + 1 for t in target]
     return plan
+
+
+def _indices(entry, samples: int, branches: int, dts: torch.Tensor):
+    """A plan entry as indices: kind; its samples and their rows in the mechanism's state (the CFG branches of sample
+    ``s`` are rows ``s`` and ``s + samples``), slices when all samples take part; the rows as a tensor (to gather
+    conditioning); one step per row; each sample's Euler step size (``dts`` is shaped to broadcast over a sample)."""
+    kind, chosen, steps = entry
+    at, idx = torch.tensor(steps), torch.tensor(chosen)
+    rows = torch.cat([idx + b * samples for b in range(branches)])
+    everyone = len(chosen) == samples
+    return kind, slice(None) if everyone else idx, slice(None) if everyone else rows, rows, at.repeat(branches), dts[at]
 
 
 @torch.no_grad()
@@ -51,34 +59,26 @@ def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Te
     conds = cond if branches == 1 else torch.cat([cond, torch.full_like(cond, null)])
     distinct, index = torch.unique(conds, dim=0, return_inverse=True)
     conditions = model.condition(sigmas[:T].reshape(-1, 1), distinct)[:, index]  # (T, rows, ...)
-    dts = sigmas[1:] - sigmas[:-1]
+    dts = (sigmas[1:] - sigmas[:-1]).view(-1, *[1] * (noise.dim() - 1))
     mechanism.reset(S * branches, T)
     x, passes = noise.clone(), torch.zeros(S, dtype=torch.long)
-    for kind, samples, steps in row_plan(masks.bool()):
-        idx = torch.tensor(samples)
-        rows = idx if branches == 1 else torch.cat([idx, idx + S])
+    for kind, idx, rows, row_ids, step, dt in [_indices(entry, S, branches, dts) for entry in row_plan(masks.bool())]:
         x_in = x[idx]
-        h_x = x_in if branches == 1 else torch.cat([x_in, x_in])
-        if kind == "cached":
-            c = conditions[steps, rows]
-            if mechanism.reuses_output:
-                v = mechanism.cached_output(rows)
-            else:
-                v = model.final(mechanism.cached_pass(steps, rows, model.embed(h_x), c, model.blocks), c)
+        if kind == "cached" and mechanism.reuses_output:
+            v = mechanism.cached_output(rows)
         else:
-            step = torch.tensor(steps).repeat(branches)
-            c = conditions[step, rows]
-            if mechanism.reuses_output:
-                v = model.final(run_blocks(model.blocks, model.embed(h_x), c), c)
+            c, h = conditions[step, row_ids], model.embed(x_in if branches == 1 else torch.cat([x_in, x_in]))
+            if kind == "cached":
+                v = model.final(mechanism.cached_pass(step, rows, h, c, model.blocks), c)
+            elif mechanism.reuses_output:
+                v = model.final(run_blocks(model.blocks, h, c), c)
                 mechanism.record_output(rows, v)
             else:
-                v = model.final(mechanism.full_pass(step, rows, model.embed(h_x), c, model.blocks), c)
+                v = model.final(mechanism.full_pass(step, rows, h, c, model.blocks), c)
+        if kind == "full":
             passes[idx] += 1
         if branches == 2:
             v_cond, v_uncond = v.chunk(2)
             v = torch.lerp(v_uncond, v_cond, float(guidance))
-        if kind == "cached":
-            x[idx] = torch.add(x_in, v, alpha=float(dts[steps]))
-        else:
-            x[idx] = x_in + dts[torch.tensor(steps)].view(-1, *[1] * (x.dim() - 1)) * v
+        x[idx] = torch.addcmul(x_in, dt, v)
     return x, passes
