@@ -57,9 +57,7 @@ class CachedVelocity:
             self.mechanism.reset(rows, T)
         self.full_passes = torch.zeros(rows, dtype=torch.long)
         self._splits = [row_split(compute) for compute in self.masks.repeat(rows // self.masks.shape[0], 1).t()]
-        # conditioning depends on (sigma, cond) alone: compute it once per distinct condition, for all T steps
-        distinct, index = torch.unique(cond, dim=0, return_inverse=True)
-        self._conditions = self.model.condition(self.sigmas, distinct)[:, index].unbind(0)  # T x (rows, ...)
+        self._conditions = step_conditions(self.model, self.sigmas, cond).unbind(0)  # T x (rows, ...)
 
     def _velocity(self, x, c, split):
         model, mech, step = self.model, self.mechanism, self.step
@@ -81,6 +79,13 @@ class CachedVelocity:
 
         h = model.embed(x)
         return model.final(by_rows(split, h, full_pass, lambda rows: mech.cached_pass(step, rows, h[rows], c[rows], model.blocks)), c)
+
+
+def step_conditions(model: CacheableModel, sigmas: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The conditioning of every step for every row, (len(sigmas), rows, ...), in one batch. It depends on
+    (sigma, cond) alone, so it is computed once per distinct condition and spread to the rows."""
+    distinct, index = torch.unique(cond, dim=0, return_inverse=True)
+    return model.condition(sigmas.reshape(-1, 1), distinct)[:, index]
 
 
 def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:

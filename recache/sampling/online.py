@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from recache.sampling.cached import step_conditions
 from recache.sampling.euler import GuidedVelocity, sample_euler
 
 
@@ -21,7 +22,7 @@ class HeuristicVelocity:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.step == 0:
             self.heuristic.reset(x.shape[0], self.branches, len(self.sigmas))
-            self.conditions = self.model.condition(self.sigmas, cond)
+            self.conditions = step_conditions(self.model, self.sigmas, cond)
         c = self.conditions[self.step]
         h, compute = self.heuristic(self.step, self.model.embed(x), c, self.model.blocks)
         self.computed.append(compute)

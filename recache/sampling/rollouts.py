@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from recache.mechanisms.base import CacheableModel, Mechanism, run_blocks
+from recache.sampling.cached import step_conditions
 
 
 def row_plan(masks: torch.Tensor) -> list[tuple[str, list[int], list[int]]]:
@@ -57,8 +58,7 @@ def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Te
     branches = 1 if float(guidance) == 1.0 else 2
     null = null_cond if null_cond is not None else model.null_class
     conds = cond if branches == 1 else torch.cat([cond, torch.full_like(cond, null)])
-    distinct, index = torch.unique(conds, dim=0, return_inverse=True)
-    conditions = model.condition(sigmas[:T].reshape(-1, 1), distinct)[:, index]  # (T, rows, ...)
+    conditions = step_conditions(model, sigmas[:T], conds)  # (T, rows, ...)
     dts = (sigmas[1:] - sigmas[:-1]).view(-1, *[1] * (noise.dim() - 1))
     mechanism.reset(S * branches, T)
     x, passes = noise.clone(), torch.zeros(S, dtype=torch.long)
