@@ -61,7 +61,7 @@ class Mechanism:
     def record(self, step: int | torch.Tensor, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def cached_pass(self, step: int, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+    def cached_pass(self, step: int | torch.Tensor, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
         """The block stack's output for rows that do not compute at ``step``."""
         raise NotImplementedError
 

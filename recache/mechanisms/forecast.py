@@ -46,7 +46,7 @@ class DividedDifferences(Mechanism):
         self.nodes[rows] = torch.cat([at.unsqueeze(1), nodes[:, :-1]], dim=1)
         self.count[rows] = count + 1
 
-    def basis(self, step: int, rows: Rows) -> list[torch.Tensor]:
+    def basis(self, step: int | torch.Tensor, rows: Rows) -> list[torch.Tensor]:
         """Per-row weight of ``D_j`` at ``step``, shaped to broadcast over the feature; index 0 is always 1."""
         raise NotImplementedError
 
