@@ -32,10 +32,13 @@ class Method:
     heuristic: OnlineHeuristic | None = None
 
     def sample(self, pipe: DigitPipeline, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples and each sample's compute mask (B, T)."""
+        """Samples and each sample's compute mask (B, T); for a fixed schedule, after checking that the full passes
+        counted while sampling are the schedule's."""
         if self.heuristic is not None:
             return pipe.sample_online(self.heuristic, classes, seeds)
-        images, _ = pipe.sample_with(self.schedule, self.mechanism, classes, seeds)
+        images, passes = pipe.sample_with(self.schedule, self.mechanism, classes, seeds)
+        if not bool((passes == self.schedule.k).all()):
+            raise RuntimeError(f"realised full passes {passes.tolist()} differ from the schedule's k = {self.schedule.k}")
         return images, self.schedule.as_tensor().expand(len(seeds), -1)
 
     @property
