@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file beside the target, then rename, so no half-written file is left."""
+"""Artefact files: atomic output (write to a temporary file beside the target, then rename, so no half-written file
+is left) and JSON input with clear errors."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The parsed JSON of an artefact file, or a ``RecacheError`` that names ``what`` it is and why it cannot be read."""
+    from recache.errors import RecacheError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecacheError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecacheError(f"{what} {path} cannot be read as JSON (not valid JSON: {e})") from None
+    except OSError as e:
+        raise RecacheError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -5,7 +5,6 @@ The trained weights ship inside the package under ``recache/models/weights/<name
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import write_json, write_safetensors
+from recache.io import read_json, write_json, write_safetensors
 from recache.models.classifier import ClassifierConfig, DigitClassifier
 from recache.models.dit import DiT, DiTConfig
 
@@ -46,12 +45,7 @@ def resolve(name_or_folder: str | Path) -> Path:
 def read_config(name_or_folder: str | Path) -> dict:
     """The parsed ``config.json`` of a model, with clear errors for a missing or malformed file."""
     path = resolve(name_or_folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecacheError(f"model config {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RecacheError(f"model config {path} is not valid JSON ({e})") from None
+    config = read_json(path, "model config")
     if not isinstance(config, dict) or config.get("kind") not in _KINDS or not isinstance(config.get("config"), dict):
         raise RecacheError(f"model config {path} needs 'kind' (one of {', '.join(_KINDS)}) and a 'config' object")
     return config

@@ -4,16 +4,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from recache.errors import RecacheError
-from recache.io import write_json
+from recache.io import read_json, write_json
 
 FORMAT = "recache.schedule/v1"
 _RESERVED_KEYS = ("format", "T", "k", "mask")  # everything else in a schedule file is metadata, kept as it is
@@ -110,14 +108,7 @@ class Schedule:
     @classmethod
     def load(cls, path: str | os.PathLike, T: int | None = None, model: str | None = None) -> Schedule:
         """Read a schedule file; ``T`` and ``model`` check that it was made for this sampler and model."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise RecacheError(f"schedule file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RecacheError(f"schedule file {path} is not valid JSON ({e})") from None
-        except OSError as e:
-            raise RecacheError(f"schedule file {path} cannot be read ({e.strerror})") from None
+        data = read_json(path, "schedule file")
         try:
             schedule = cls.from_dict(data)
         except RecacheError as e:

@@ -40,9 +40,17 @@ class Heuristic:
     bracket: ClassVar[tuple[float, float]] = (1e-3, 10.0)
 
     def __init__(self, threshold: float):
-        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not math.isfinite(threshold) or threshold < 0:
-            raise RecacheError(f"{self.name} threshold {threshold!r} is not allowed: use a finite number >= 0")
+        finite = isinstance(threshold, int | float) and not isinstance(threshold, bool) and math.isfinite(threshold)
+        self.check_option("threshold", threshold, finite and threshold >= 0, "a finite number >= 0")
         self.threshold = float(threshold)
+
+    def check_option(self, option: str, value, ok: bool, allowed: str) -> None:
+        """Unless ``ok``, a one-line error naming this heuristic's bad ``option`` value and what is ``allowed``."""
+        if not ok:
+            raise RecacheError(f"{self.name} {option} {value!r} is not allowed: use {allowed}")
+
+    def check_retention(self, retention: float) -> None:
+        self.check_option("retention", retention, 0.0 <= retention < 1.0, "a fraction of the steps in [0, 1)")
 
     def options(self) -> dict:
         """Everything besides the threshold needed to rebuild this heuristic (JSON-serialisable)."""

@@ -13,13 +13,12 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from recache.errors import RecacheError
-from recache.io import write_json
+from recache.io import read_json, write_json
 from recache.policies.heuristics import HEURISTICS, Heuristic, StaticHeuristic, get_heuristic
 from recache.schedule import check_budget
 
@@ -59,12 +58,7 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike, T: int | None = None, model: str | None = None) -> Calibration:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise RecacheError(f"calibration file {path} does not exist") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RecacheError(f"calibration file {path} cannot be read as JSON ({e})") from None
+        data = read_json(path, "calibration file")
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise RecacheError(f"calibration file {path} is not a {FORMAT} file")
         try:

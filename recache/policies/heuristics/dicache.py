@@ -28,12 +28,9 @@ class DiCache(OnlineHeuristic):
 
     def __init__(self, threshold: float, probe_depth: int = 1, mode: str = "delta_minus", retention: float = 0.0):
         super().__init__(threshold)
-        if mode not in MODES:
-            raise RecacheError(f"dicache mode {mode!r} is not allowed: use one of {', '.join(MODES)}")
-        if not isinstance(probe_depth, int) or probe_depth < 1:
-            raise RecacheError(f"dicache probe_depth {probe_depth!r} is not allowed: use a whole number of blocks >= 1")
-        if not 0.0 <= retention < 1.0:
-            raise RecacheError(f"dicache retention {retention!r} is not allowed: use a fraction of the steps in [0, 1)")
+        self.check_option("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
+        self.check_option("probe_depth", probe_depth, isinstance(probe_depth, int) and probe_depth >= 1, "a whole number of blocks >= 1")
+        self.check_retention(retention)
         self.probe_depth, self.mode, self.retention = probe_depth, mode, float(retention)
 
     def options(self) -> dict:

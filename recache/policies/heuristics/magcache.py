@@ -27,10 +27,8 @@ class MagCache(StaticHeuristic):
         super().__init__(threshold)
         if ratios is not None and (len(ratios) < 2 or not all(math.isfinite(r) and r > 0 for r in ratios)):
             raise RecacheError("magcache ratios must be at least two finite positive numbers")
-        if not isinstance(max_skip, int) or max_skip < 1:
-            raise RecacheError(f"magcache max_skip {max_skip!r} is not allowed: use a whole number >= 1")
-        if not 0.0 <= retention < 1.0:
-            raise RecacheError(f"magcache retention {retention!r} is not allowed: use a fraction of the steps in [0, 1)")
+        self.check_option("max_skip", max_skip, isinstance(max_skip, int) and max_skip >= 1, "a whole number >= 1")
+        self.check_retention(retention)
         self.ratios, self.max_skip, self.retention = ratios, max_skip, float(retention)
 
     def options(self) -> dict:
