@@ -54,6 +54,7 @@ class ReCacheConfig:
     mechanism: str = "taylorseer"
     training: dict = field(default_factory=dict)  # reward, alpha, updates, seeds hash, library version, ...
     fallback: list = field(default_factory=list)  # budgets whose learned schedule lost to uniform on calibration pairs
+    step_mapping: str = "nearest"  # how a schedule for another number of steps is made: ``schedule_for_steps``
 
     def __post_init__(self):
         check_budget(self.k_min, self.T)
@@ -118,6 +119,40 @@ class ReCachePolicy(nn.Module):
         if not (allow_extrapolate or lo <= k <= hi):
             raise RecacheError(f"budget {k} is outside the policy's trained range {lo}-{hi}; use a budget in that range "
                                "or allow extrapolation (--allow-extrapolate)")
+
+    @torch.no_grad()
+    def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False) -> Schedule:
+        """The schedule of ``k`` full passes on a sampler of ``T`` steps, which may differ from the trained ``T_p``.
+
+        Mapping (``step_mapping = "nearest"`` in the saved config; our choice, in the spirit of MagCache's nearest
+        interpolation of its ratios): the policy is asked for the budget with the same compute fraction,
+        ``k_p = round(k T_p / T)``, which must lie in the trained range; its steps, best logit first, are sent to the nearest
+        step of the new grid, ``round(s (T - 1) / (T_p - 1))``, and the first ``k - 1`` distinct ones are kept (when
+        ``T > T_p`` leaves too few, the rest come from the logits interpolated linearly in normalised time). A budget
+        the calibration guard sent to uniform stays uniform. At ``T = T_p`` this is ``schedule(k)``."""
+        check_budget(k, T)
+        if k == 1:  # nothing to place
+            return Schedule.uniform(T, 1).with_metadata(source="recache", model=self.config.model, mechanism=self.config.mechanism)
+        if T == self.T:
+            return self.schedule(k, allow_extrapolate=allow_extrapolate)
+        k_p = min(max(round(k * self.T / T), 2), self.T)
+        if not (allow_extrapolate or self.config.k_min <= k_p <= self.config.k_max):
+            raise RecacheError(f"budget k={k} of T={T} steps is k={k_p} of the policy's T={self.T}, outside its trained range "
+                               f"{self.config.k_min}-{self.config.k_max}; use a budget in that range or allow extrapolation")
+        meta = {"source": "recache", "model": self.config.model, "mechanism": self.config.mechanism, "mapped_from_T": self.T,
+                "mapped_from_k": k_p}
+        if k_p in self.config.fallback:
+            return Schedule.uniform(T, k).with_metadata(**meta, fallback="uniform")
+        logits = self.logits(torch.tensor([k_p]))[0]  # steps 1..T_p-1
+        nearest = [round(int(s + 1) * (T - 1) / (self.T - 1)) for s in logits.argsort(descending=True)]
+        steps = [s for s in dict.fromkeys(nearest) if s > 0][: k - 1]
+        if len(steps) < k - 1:
+            x = (torch.arange(1, T) * (self.T - 1) / (T - 1)).clamp(1, self.T - 1) - 1  # fractional index into logits
+            below = x.floor().long()
+            mapped = torch.lerp(logits[below], logits[(below + 1).clamp(max=len(logits) - 1)], x - below)
+            mapped[torch.tensor(steps, dtype=torch.long) - 1] = -math.inf
+            steps += (mapped.topk(k - 1 - len(steps)).indices + 1).tolist()
+        return Schedule.from_steps(T, [0, *steps], **meta)
 
     @torch.no_grad()
     def schedule(self, k: int, nested: bool = False, allow_extrapolate: bool = False, guarded: bool = True) -> Schedule:

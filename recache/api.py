@@ -1,0 +1,99 @@
+"""The one-line facade over the hooks, cache-dit style: ``recache.enable(pipe, budget=10)``, ``recache.summary(pipe)``,
+``recache.disable(pipe)``. ``pipe`` is a diffusers pipeline or a bare supported transformer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from recache.errors import RecacheError
+from recache.hooks.schedule_cache import (
+    RecacheHookConfig,
+    apply_recache,
+    recache_config,
+    recache_stats,
+    remove_recache,
+    reset_recache,
+)
+from recache.hooks.transformers import model_fingerprint, transformer_blocks, transformer_of
+from recache.policies.recache import ReCachePolicy
+from recache.schedule import Budget, Schedule
+
+
+def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | ReCachePolicy | None = None, mechanism: str | None = None,
+           schedule: str | os.PathLike | Schedule | None = None, num_inference_steps: int | None = None):
+    """Cache ``pipe``'s transformer to ``budget`` full passes per generation (and per CFG branch).
+
+    ``budget``: an int ``k``, a fraction of the steps in (0, 1] or a speed-up like ``"4x"``, resolved against each
+    call's ``num_inference_steps``. ``policy``: a learned policy (folder or ``ReCachePolicy``) that places the ``k``
+    passes; without it the passes are spread uniformly, or follow the fixed ``schedule`` (a file or ``Schedule``).
+    ``mechanism`` defaults to the policy's (else ``taylorseer``). Every argument is checked before anything is
+    registered, so a refused call leaves ``pipe`` unmodified. Returns ``pipe``."""
+    transformer = transformer_of(pipe)
+    transformer_blocks(transformer)
+    if isinstance(policy, (str, os.PathLike)):
+        policy = ReCachePolicy.from_pretrained(policy)
+    if isinstance(schedule, (str, os.PathLike)):
+        schedule = Schedule.load(schedule)
+    if schedule is not None and schedule.metadata.get("model") not in (None, model_fingerprint(transformer)):
+        raise RecacheError(f"the schedule was made for model {schedule.metadata['model']!r}, not {model_fingerprint(transformer)!r}")
+    if mechanism is None:
+        mechanism = policy.config.mechanism if policy is not None else (schedule.metadata.get("mechanism") if schedule else None) or "taylorseer"
+    scheduler = getattr(pipe, "scheduler", None)
+    steps_source = (lambda: len(scheduler.timesteps) if getattr(scheduler, "timesteps", None) is not None else None) if scheduler else None
+    apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
+                                                 num_inference_steps=num_inference_steps, steps_source=steps_source))
+    return pipe
+
+
+def disable(pipe):
+    """Remove recache from ``pipe``'s transformer; it then computes exactly as before ``enable``. Returns ``pipe``."""
+    remove_recache(transformer_of(pipe))
+    return pipe
+
+
+def refresh(pipe, num_inference_steps: int | None = None):
+    """Start a new generation (what every pipeline call does at its end) and, for a bare transformer, set the step
+    count of the next ones. Returns ``pipe``."""
+    transformer = transformer_of(pipe)
+    config = recache_config(transformer)
+    if config is None:
+        raise RecacheError("recache is not enabled on this pipeline; call recache.enable first")
+    if num_inference_steps is not None:
+        config.plan(num_inference_steps)
+        config.num_inference_steps = num_inference_steps
+    reset_recache(transformer)
+    return pipe
+
+
+@dataclass
+class CacheSummary:
+    """What the last generation did, per cache context (CFG branch): ``T`` steps, planned ``k``, the computed steps."""
+
+    mechanism: str
+    generations: int
+    last: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def full_passes(self) -> dict[str, int]:
+        """Realised full passes of the last generation, per context."""
+        return {name: len(r["computed_steps"]) for name, r in self.last.items()}
+
+    def __str__(self) -> str:
+        if not self.last:
+            return f"recache ({self.mechanism}): no generation yet"
+        lines = [f"recache ({self.mechanism}), {self.generations} generation(s) finished; last:"]
+        for name, r in self.last.items():
+            done = len(r["computed_steps"])
+            lines.append(f"  {name}: {done} computed / {r['cached_steps']} cached of T={r['T']} (budget k={r['k']}, {r['source']} schedule), "
+                         f"computed steps {r['computed_steps']}, speed-up {r['T'] / max(done, 1):.2f}x in transformer passes")
+        return "\n".join(lines)
+
+
+def summary(pipe) -> CacheSummary:
+    """Computed against cached steps and the realised budget of the last generation."""
+    stats = recache_stats(transformer_of(pipe))
+    if stats is None:
+        raise RecacheError("recache is not enabled on this pipeline; call recache.enable first")
+    return CacheSummary(stats.mechanism, len(stats.calls), stats.last)

@@ -1,0 +1,7 @@
+"""recache on diffusers transformers: ``apply_recache(transformer, RecacheHookConfig(...))``, diffusers-style."""
+
+from recache.hooks.schedule_cache import HOOK_MECHANISMS, RecacheHookConfig, RecacheStats, apply_recache, remove_recache
+from recache.hooks.transformers import SUPPORTED_TRANSFORMERS, model_fingerprint
+
+__all__ = ["HOOK_MECHANISMS", "SUPPORTED_TRANSFORMERS", "RecacheHookConfig", "RecacheStats", "apply_recache", "model_fingerprint",
+           "remove_recache"]
