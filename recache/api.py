@@ -11,6 +11,7 @@ from recache.errors import RecacheError
 from recache.hooks.schedule_cache import (
     RecacheHookConfig,
     apply_recache,
+    pipeline_steps,
     recache_config,
     recache_stats,
     remove_recache,
@@ -40,10 +41,8 @@ def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | Re
         raise RecacheError(f"the schedule was made for model {schedule.metadata['model']!r}, not {model_fingerprint(transformer)!r}")
     if mechanism is None:
         mechanism = policy.config.mechanism if policy is not None else (schedule.metadata.get("mechanism") if schedule else None) or "taylorseer"
-    scheduler = getattr(pipe, "scheduler", None)
-    steps_source = (lambda: len(scheduler.timesteps) if getattr(scheduler, "timesteps", None) is not None else None) if scheduler else None
     apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
-                                                 num_inference_steps=num_inference_steps, steps_source=steps_source))
+                                                 num_inference_steps=num_inference_steps, steps_source=pipeline_steps(pipe)))
     return pipe
 
 

@@ -89,10 +89,40 @@ def heuristic_list(text: str) -> list[str]:
 
 def add_model_options(parser: argparse.ArgumentParser, seed_help: str = "seed of the initial noise (default: 0)") -> None:
     parser.add_argument("--model", default="mnist-dit", help="embedded model name or a saved model folder (default: mnist-dit)")
-    parser.add_argument("--steps", type=positive_int, default=50, help="number of sampler steps T (default: 50)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="number of sampler steps T (default: the model's own, 50 for mnist-dit)")
     parser.add_argument("--guidance", type=nonnegative_float, default=None, help="CFG scale (default: the model's own)")
     parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    """Train or search on a diffusers pipeline instead of the embedded DiT."""
+    parser.add_argument("--pipeline", default=None, help="a diffusers pipeline folder or hub id (offline: already cached), or the shipped "
+                        "digit FLUX 'mnist-flux'; replaces --model")
+    parser.add_argument("--prompts", default=None, help="with --pipeline: a prompts file, .txt (one per line), .jsonl or .csv")
+    parser.add_argument("--height", type=positive_int, default=None, help="with --pipeline: image height (default: the pipeline's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="with --pipeline: image width (default: the pipeline's)")
+
+
+def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
+    """The embedded ``DigitPipeline`` (``--model``), or ``DiffusersRollouts`` for ``--pipeline``."""
+    from recache.errors import RecacheError
+
+    if args.pipeline is None:
+        from recache.sampling.pipeline import DigitPipeline
+
+        if args.prompts is not None or args.height is not None or args.width is not None:
+            raise RecacheError("--prompts, --height and --width need --pipeline")
+        return DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
+    if args.model != "mnist-dit" or args.sigmas is not None:
+        raise RecacheError("--pipeline replaces --model and --sigmas (a pipeline brings its own scheduler); give one or the other")
+    from recache.hooks import HOOK_MECHANISMS
+    from recache.sampling.diffusers_rollouts import load_rollouts
+
+    if getattr(args, "mechanism", None) not in (None, *HOOK_MECHANISMS):
+        raise RecacheError(f"mechanism {args.mechanism!r} cannot run on a diffusers pipeline; choose one of {', '.join(HOOK_MECHANISMS)}")
+
+    return load_rollouts(args.pipeline, args.prompts, args.steps, args.height, args.width, args.guidance, output_type)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:

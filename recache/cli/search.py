@@ -6,17 +6,17 @@ import argparse
 import time
 from pathlib import Path
 
-from recache.cli.options import add_model_options, nonnegative_float, nonnegative_int, positive_int
+from recache.cli.options import add_model_options, add_pipeline_options, load_sampler, nonnegative_float, nonnegative_int, positive_int
 from recache.evaluation.plots import plot_search_history
 from recache.mechanisms import MECHANISMS
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
-from recache.sampling.pipeline import DigitPipeline
 
 
 def add_parser(sub) -> None:
     d = SearchConfig(k=10)
     p = sub.add_parser("search", help="search the schedule for one budget (BudCache: annealing + hill climbing)")
     add_model_options(p, seed_help="seed of the search (default: 0)")
+    add_pipeline_options(p)
     p.add_argument("--budget", type=positive_int, required=True, help="full passes k of T")
     p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism, help=f"caching mechanism (default: {d.mechanism})")
     p.add_argument("--pairs", type=positive_int, default=d.pairs, help=f"calibration (class, seed) pairs, seeds 0..pairs-1 (default: {d.pairs})")
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     config = SearchConfig(k=args.budget, mechanism=args.mechanism, pairs=args.pairs, sa_iters=args.sa_iters, hc_iters=args.hc_iters,
                           restarts=args.restarts, t_max=args.t_max, t_min=args.t_min, seed=args.seed)
-    pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
+    pipe = load_sampler(args)
     out = Path(args.out or f"runs/search/{args.mechanism}-k{args.budget}")
     start = time.perf_counter()
     schedule, history = search_schedule(config, pipe, out, resume=args.resume)

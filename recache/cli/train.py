@@ -6,18 +6,18 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from recache.cli.options import add_model_options, nonnegative_float, positive_float, positive_int
+from recache.cli.options import add_model_options, add_pipeline_options, load_sampler, nonnegative_float, positive_float, positive_int
 from recache.evaluation.plots import plot_training_curve
 from recache.mechanisms import MECHANISMS
 from recache.metrics.reward import FIDELITIES
 from recache.policies.reinforce import LOG, POLICY, TrainConfig, read_log, train_recache
-from recache.sampling.pipeline import DigitPipeline
 
 
 def add_parser(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser("train", help="train a budget-conditioned ReCache schedule policy (REINFORCE)")
     add_model_options(p, seed_help="seed of the training run: pairs, budgets and schedules drawn (default: 0)")
+    add_pipeline_options(p)
     p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism, help=f"caching mechanism (default: {d.mechanism})")
     p.add_argument("--k-min", type=positive_int, default=d.k_min, help=f"smallest trained budget (default: {d.k_min})")
     p.add_argument("--k-max", type=positive_int, default=d.k_max, help=f"largest trained budget (default: {d.k_max})")
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
+    pipe = load_sampler(args, output_type="pt" if args.fidelity == "lpips" or args.alpha > 0 else "latent")
     out = Path(args.out)
     policy = train_recache(config, out, pipe, resume=args.resume)
     plot_training_curve(read_log(out / LOG), out / "training_curve.png")

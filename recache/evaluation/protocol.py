@@ -22,8 +22,9 @@ def heldout_pairs(per_class: int = HELDOUT_PER_CLASS) -> tuple[torch.Tensor, lis
     return classes, [HELDOUT_SEED_BASE + j for j in range(len(classes))]
 
 
-def calibration_pairs(n: int, offset: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """``n`` (class, seed) pairs for training or search, seeds ``offset .. offset + n - 1`` (never held out)."""
+def calibration_pairs(n: int, offset: int = 0, num_conditions: int = NUM_CLASSES) -> tuple[torch.Tensor, list[int]]:
+    """``n`` (condition, seed) pairs for training or search, seeds ``offset .. offset + n - 1`` (never held out); the
+    conditions (classes, or prompts of a pipeline) cycle through ``0..num_conditions - 1``."""
     if offset + n > HELDOUT_SEED_BASE:
         raise ValueError(f"calibration seeds must stay below {HELDOUT_SEED_BASE}")
-    return torch.arange(offset, offset + n) % NUM_CLASSES, list(range(offset, offset + n))
+    return torch.arange(offset, offset + n) % num_conditions, list(range(offset, offset + n))

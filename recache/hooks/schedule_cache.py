@@ -194,6 +194,7 @@ class _HeadHook(_BlockHook):
     def _start(self, st: _ContextState, rows: int) -> None:
         ctx = self.state_manager.context
         T = ctx.num_inference_steps or (self.config.steps_source() if self.config.steps_source else None) or self.config.num_inference_steps
+        T = T or (self.config.schedule.T if self.config.schedule is not None else None)
         if not T:
             raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to RecacheHookConfig "
                                "(or use recache.enable on the pipeline)")
@@ -237,6 +238,14 @@ class _HeadHook(_BlockHook):
         if self.is_tail:
             st.step += 1
         return out
+
+
+def pipeline_steps(pipe) -> Callable[[], int | None] | None:
+    """A ``steps_source`` for a pipeline: the number of timesteps its scheduler was set to for the running call."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None:
+        return None
+    return lambda: len(scheduler.timesteps) if getattr(scheduler, "timesteps", None) is not None else None
 
 
 def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> RecacheStats:

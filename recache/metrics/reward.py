@@ -51,6 +51,11 @@ class Reward:
         self._lpips = _lpips() if self.fidelity == "lpips" else None
 
     @torch.no_grad()
+    def features(self, targets: torch.Tensor) -> torch.Tensor:
+        """What the reward keeps of the uncached targets: their classifier features."""
+        return self.classifier.features(targets)
+
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor, targets: torch.Tensor, target_features: torch.Tensor,
                  classes: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.classifier.features(x)
@@ -64,3 +69,51 @@ class Reward:
             distance = self._lpips(x, targets)
         quality = self.classifier.head(features).log_softmax(-1).gather(1, classes[:, None])[:, 0]
         return {"reward": -distance + self.alpha * quality, "fidelity": distance, "quality": quality}
+
+
+OUTPUT_FIDELITIES = ("rel_l2", "lpips")
+
+
+@dataclass
+class OutputReward:
+    """The same reward on any pipeline's outputs: ``D`` is the relative L2 to the uncached output (latents or
+    images) or LPIPS (images in [0, 1], the ``lpips`` extra), ``Q`` an ImageReward score of the prompt (the
+    ``image-reward`` extra, only loaded when ``alpha > 0``); ``prompts`` are the conditions' texts."""
+
+    fidelity: str = "rel_l2"
+    alpha: float = 0.0
+    prompts: list[str] | None = None
+
+    def __post_init__(self):
+        if self.fidelity not in OUTPUT_FIDELITIES:
+            raise RecacheError(f"fidelity {self.fidelity!r} is not available on a pipeline; choose from {', '.join(OUTPUT_FIDELITIES)}")
+        if not self.alpha >= 0:
+            raise RecacheError(f"alpha must be >= 0 (the weight of the quality term), got {self.alpha}")
+        self._lpips = _lpips() if self.fidelity == "lpips" else None
+        if self.alpha > 0:
+            from recache.metrics.image_reward import load_image_reward
+
+            self._quality = load_image_reward()
+
+    @property
+    def needs_images(self) -> bool:
+        return self.fidelity == "lpips" or self.alpha > 0
+
+    def features(self, targets: torch.Tensor) -> torch.Tensor:
+        return targets.new_zeros(len(targets), 0)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor, target_features: torch.Tensor,
+                 conds: torch.Tensor) -> dict[str, torch.Tensor]:
+        distance = relative_l2(x, targets) if self._lpips is None else self._lpips(x * 2 - 1, targets * 2 - 1)
+        quality = self._quality(x, [self.prompts[int(c)] for c in conds]) if self.alpha > 0 else torch.zeros_like(distance)
+        return {"reward": -distance + self.alpha * quality, "fidelity": distance, "quality": quality}
+
+
+def reward_for(pipe, fidelity: str = "rel_l2", alpha: float = 0.0):
+    """The reward of a training run: the digit classifier's on digit outputs, ``OutputReward`` on any other pipeline."""
+    if getattr(pipe, "outputs_digits", True):
+        from recache.models.pretrained import load_classifier
+
+        return Reward(load_classifier(), fidelity, alpha)
+    return OutputReward(fidelity, alpha, [p["prompt"] for p in pipe.prompts])

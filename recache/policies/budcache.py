@@ -197,7 +197,7 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
     out = Path(out)
     if (out / MEMO).exists() and not resume:
         raise RecacheError(f"{out} already holds a search; resume it (--resume) or choose another --out")
-    classes, seeds = calibration_pairs(config.pairs)
+    classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     memo = {}
     if resume and (out / MEMO).exists():
         for line in (out / MEMO).read_text().splitlines():

@@ -29,11 +29,9 @@ from recache.evaluation.protocol import calibration_pairs
 from recache.evaluation.report import write_jsonl
 from recache.io import write_json
 from recache.mechanisms import get_mechanism
-from recache.metrics.reward import Reward
-from recache.models.pretrained import load_classifier
+from recache.metrics.reward import Reward, reward_for
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
 from recache.sampling.pipeline import DigitPipeline
-from recache.sampling.rollouts import sample_rollouts
 from recache.schedule import Schedule
 
 CHECKPOINT, LOG, POLICY = "checkpoint.safetensors", "train_log.jsonl", "policy"
@@ -71,15 +69,14 @@ def seeds_hash(classes: torch.Tensor, seeds: list[int]) -> str:
     return hashlib.sha256(json.dumps([classes.tolist(), seeds]).encode()).hexdigest()[:16]
 
 
-def _targets(pipe: DigitPipeline, classifier, classes: torch.Tensor, seeds: list[int], chunk: int = 64):
+def _targets(pipe, reward, classes: torch.Tensor, seeds: list[int], chunk: int = 64):
     images = torch.cat([pipe(classes[i:i + chunk], seeds[i:i + chunk]) for i in range(0, len(seeds), chunk)])
-    with torch.no_grad():
-        return images, classifier.features(images)
+    return images, reward.features(images)
 
 
-def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | None = None, resume: bool = False,
-                  progress: bool = True) -> ReCachePolicy:
-    """Train (or resume) a policy; writes ``checkpoint.safetensors`` after every update, ``train_log.jsonl`` and
+def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool = False, progress: bool = True) -> ReCachePolicy:
+    """Train (or resume) a policy on ``pipe`` (the embedded ``DigitPipeline`` by default, or a diffusers pipeline as
+    ``DiffusersRollouts``, where conditions are prompts); writes ``checkpoint.safetensors`` after every update, ``train_log.jsonl`` and
     ``policy/`` (``save_pretrained``) into ``out``. An interrupted run resumed with ``resume=True`` loses at most
     the update it was in, and ends bit-for-bit where an uninterrupted run ends."""
     out = Path(out)
@@ -87,12 +84,11 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | No
         raise RecacheError(f"{out} already holds a training run; resume it (--resume) or choose another --out")
     pipe = pipe or DigitPipeline.from_pretrained()
     mechanism = get_mechanism(config.mechanism)
-    classifier = load_classifier()
-    reward = Reward(classifier, config.fidelity, config.alpha)
+    reward = reward_for(pipe, config.fidelity, config.alpha)
     for k in (config.k_min, config.k_max):
         if k < 2:
             raise RecacheError(f"the trained budget range starts at k=2 (one free step to place), got {k}")
-    classes, seeds = calibration_pairs(config.pool)
+    classes, seeds = calibration_pairs(config.pool, num_conditions=pipe.num_conditions)
     with torch.random.fork_rng():  # the initial weights depend on the run's seed only
         torch.manual_seed(config.seed)
         policy = ReCachePolicy(ReCacheConfig(
@@ -108,8 +104,7 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | No
             raise RecacheError(f"{out} was trained with other settings ({extra.get('config')}); resume with the same ones")
         log = [row for row in read_log(out / LOG) if row["update"] < start]
 
-    targets, target_features = _targets(pipe, classifier, classes, seeds)
-    noise = pipe.noise(seeds)
+    targets, target_features = _targets(pipe, reward, classes, seeds)
     G = config.group
     for update in trange(start, config.updates, initial=start, total=config.updates, desc=f"train {config.mechanism}", disable=not progress):
         began = time.perf_counter()
@@ -117,7 +112,7 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | No
         k = torch.randint(config.k_min, config.k_max + 1, (config.pairs,), generator=generator)
         masks, logp = policy.sample(k.repeat_interleave(G), generator)
         with torch.no_grad():
-            images, passes = sample_rollouts(pipe.model, noise[idx], pipe.sigmas, classes[idx], masks, mechanism, pipe.guidance)
+            images, passes = pipe.rollout_rows(classes[idx], [seeds[i] for i in idx], masks, mechanism)
         if not torch.equal(passes, k.repeat_interleave(G)):
             raise RuntimeError(f"realised full passes {passes.tolist()} differ from the budgets {k.tolist()}")
         parts = reward(images, targets[idx], target_features[idx], classes[idx])
@@ -142,7 +137,7 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: DigitPipeline | No
     return policy
 
 
-def calibration_guard(policy: ReCachePolicy, pipe: DigitPipeline, mechanism, reward: Reward, classes: torch.Tensor, seeds: list[int],
+def calibration_guard(policy: ReCachePolicy, pipe, mechanism, reward: Reward, classes: torch.Tensor, seeds: list[int],
                       targets: torch.Tensor, target_features: torch.Tensor, out: Path, progress: bool = True) -> list[int]:
     """The budgets whose learned schedule does not beat the uniform one on mean reward over the first calibration
     pairs (ours: a trained policy is then never worse than uniform on the data it was fitted to). Writes ``guard.json``."""
@@ -150,7 +145,7 @@ def calibration_guard(policy: ReCachePolicy, pipe: DigitPipeline, mechanism, rew
     for k in trange(policy.config.k_min, policy.config.k_max + 1, desc="guard", disable=not progress):
         schedules = [policy.schedule(k, guarded=False), Schedule.uniform(policy.T, k)]
         images, _ = pipe.rollout(classes, seeds, schedules, mechanism)
-        r = reward(images.flatten(0, 1), targets[:n].repeat(2, 1, 1, 1), target_features[:n].repeat(2, 1), classes.repeat(2))
+        r = reward(images.flatten(0, 1), targets[:n].repeat(2, *[1] * (targets.dim() - 1)), target_features[:n].repeat(2, 1), classes.repeat(2))
         learned, uniform = r["reward"].view(2, n).mean(1).tolist()
         if learned <= uniform:
             fallback.append(k)

@@ -45,6 +45,10 @@ class DigitPipeline:
         return len(self.sigmas) - 1
 
     @property
+    def num_conditions(self) -> int:
+        return self.model.config.num_classes
+
+    @property
     def velocity(self) -> GuidedVelocity:
         """The guided velocity ``v(x, sigma, classes)``; its model call is where caching hooks in."""
         return GuidedVelocity(self.model, self.guidance, self.model.null_class)
@@ -87,6 +91,13 @@ class DigitPipeline:
         run = sample_cached if len({s.mask for s in schedules}) == 1 else sample_rollouts
         out, passes = run(self.model, noise, self.sigmas_for(schedules), classes.repeat(G), masks, mechanism, self.guidance)
         return out.view(G, B, *out.shape[1:]), passes.view(G, B)
+
+    @torch.no_grad()
+    def rollout_rows(self, classes, seeds, masks: torch.Tensor, mechanism: Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``i`` samples ``classes[i]`` from ``seeds[i]`` under ``masks[i]``, each row on its own clock; returns the
+        samples and each row's realised full passes."""
+        classes = self.check_pairs(classes, seeds)
+        return sample_rollouts(self.model, self.noise(seeds), self.sigmas, classes, masks, mechanism, self.guidance)
 
     def sigmas_for(self, schedules: list[Schedule]) -> torch.Tensor:
         """The sigma grid of a batched call: the pipeline's, or the one aligned to these schedules (``aligned_sigmas``,

@@ -1,0 +1,161 @@
+"""``DiffusersRollouts``: a diffusers pipeline seen the way the ReCache trainer and the BudCache search see the
+embedded DiT (``DigitPipeline``): conditions are indices into a list of prompts, ``rollouts(conds, seeds)`` are the
+uncached outputs, ``rollout_rows`` the outputs under per-row compute masks, run through the recache hooks.
+
+Every sample has its own ``torch.Generator`` seeded by its seed, so it never depends on its batch. Rows that share
+a mask run in one pipeline call; the realised full passes are read from the hooks (every CFG branch must run k).
+Outputs are the pipeline's final latents (``output_type="latent"``), or images when a reward needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from recache.errors import RecacheError
+from recache.hooks.schedule_cache import RecacheHookConfig, apply_recache, is_recache_enabled, pipeline_steps, remove_recache
+from recache.hooks.transformers import model_fingerprint, transformer_blocks
+from recache.mechanisms import Mechanism
+from recache.sampling.cached import masks_of
+from recache.schedule import Schedule
+
+Generate = Callable[[list[int], list[int], int], torch.Tensor]  # (conditions, seeds, steps) -> outputs
+
+
+@dataclass
+class DiffusersRollouts:
+    """A pipeline, its conditions (``prompts``: pipeline keyword arguments, one dict each) and the call settings.
+
+    ``generate`` replaces the default call ``pipe(prompt=[...], generator=[...], num_inference_steps=T,
+    output_type=..., **call_kwargs)`` for pipelines whose conditions are not prompts (the shipped digit FLUX)."""
+
+    pipe: object
+    prompts: list[dict]
+    steps: int
+    call_kwargs: dict = field(default_factory=dict)
+    output_type: str = "latent"
+    generate: Generate | None = None
+    outputs_digits: bool = False  # outputs are (B, 1, 20, 20) digits: the digit classifier's reward applies
+    name: str | None = None
+
+    def __post_init__(self):
+        transformer_blocks(self.pipe.transformer)  # a supported transformer, or a clear error
+        if not self.prompts:
+            raise RecacheError("a pipeline run needs at least one prompt")
+
+    @property
+    def model_id(self) -> str:
+        return model_fingerprint(self.pipe.transformer)
+
+    @property
+    def sigma_schedule(self) -> str:
+        return type(self.pipe.scheduler).__name__
+
+    @property
+    def guidance(self) -> float | None:
+        return self.call_kwargs.get("guidance_scale", self.call_kwargs.get("true_cfg_scale"))
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self.prompts)
+
+    def _run(self, conds: list[int], seeds: list[int]) -> torch.Tensor:
+        if self.generate is not None:
+            return self.generate(conds, seeds, self.steps)
+        batch = {key: [self.prompts[c][key] for c in conds] for key in self.prompts[0]}
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        out = self.pipe(**batch, **self.call_kwargs, generator=generators, num_inference_steps=self.steps, output_type=self.output_type)
+        return out[0]
+
+    def check_pairs(self, conds, seeds) -> list[int]:
+        conds = [int(c) for c in torch.as_tensor(conds).flatten()]
+        bad = [c for c in conds if not 0 <= c < self.num_conditions]
+        if bad:
+            raise RecacheError(f"prompt index {bad[0]} is outside 0-{self.num_conditions - 1}")
+        if len(seeds) != len(conds):
+            raise RecacheError(f"got {len(seeds)} seeds for {len(conds)} prompts; give one seed per sample")
+        return conds
+
+    @torch.no_grad()
+    def __call__(self, conds, seeds) -> torch.Tensor:
+        """Uncached outputs for ``prompts[conds[i]]`` from the noise of ``seeds[i]``."""
+        if is_recache_enabled(self.pipe.transformer):
+            raise RecacheError("recache is enabled on this pipeline; disable it before computing uncached targets")
+        return self._run(self.check_pairs(conds, seeds), list(seeds))
+
+    @torch.no_grad()
+    def rollout_rows(self, conds, seeds, masks: torch.Tensor, mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``i`` samples ``prompts[conds[i]]`` from ``seeds[i]`` under ``masks[i]``; returns the outputs and each row's
+        realised full passes (per CFG branch)."""
+        conds, seeds = self.check_pairs(conds, seeds), [int(s) for s in seeds]
+        name = mechanism if isinstance(mechanism, str) else mechanism.name
+        out, passes = None, torch.zeros(len(conds), dtype=torch.long)
+        for mask in torch.unique(masks.bool(), dim=0):
+            rows = (masks.bool() == mask).all(1).nonzero().squeeze(1).tolist()
+            config = RecacheHookConfig(schedule=Schedule(tuple(mask.tolist())), mechanism=name, steps_source=pipeline_steps(self.pipe))
+            stats = apply_recache(self.pipe.transformer, config)
+            try:
+                images = self._run([conds[r] for r in rows], [seeds[r] for r in rows])
+            finally:
+                remove_recache(self.pipe.transformer)
+            realised = {len(r["computed_steps"]) for call in stats.calls + [stats.current] for r in call.values()}
+            if len(realised) != 1:
+                raise RuntimeError(f"CFG branches realised different budgets {sorted(realised)}")
+            out = images.new_empty((len(conds), *images.shape[1:])) if out is None else out
+            out[rows], passes[rows] = images, realised.pop()
+        return out, passes
+
+    def rollout(self, conds, seeds, schedules: list[Schedule], mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every schedule on every (prompt, seed) pair: outputs (G, B, ...) and realised full passes (G, B)."""
+        G, B = len(schedules), len(seeds)
+        for schedule in schedules:
+            if schedule.T != self.steps:
+                raise RecacheError(f"schedule has T={schedule.T} steps but the pipeline runs {self.steps}")
+        conds = torch.as_tensor(self.check_pairs(conds, seeds))
+        out, passes = self.rollout_rows(conds.repeat(G), list(seeds) * G, masks_of(schedules).repeat_interleave(B, dim=0), mechanism)
+        return out.view(G, B, *out.shape[1:]), passes.view(G, B)
+
+
+def _digit_flux_rollouts(name: str, prompts: list[dict] | None, steps: int | None, guidance: float | None) -> DiffusersRollouts:
+    from recache.models.flux_digits import FluxDigitsPipeline
+
+    digits = FluxDigitsPipeline.from_pretrained(name, steps=steps, guidance=guidance)
+    prompts = prompts or [{"prompt": str(c)} for c in range(10)]
+    bad = [p["prompt"] for p in prompts if p["prompt"].strip() not in [str(c) for c in range(10)] or "negative_prompt" in p]
+    if bad:
+        raise RecacheError(f"prompt {bad[0]!r} is not a digit: the prompts of {name} are the classes 0-9, one per line")
+    classes = [int(p["prompt"]) for p in prompts]
+    return DiffusersRollouts(digits.pipe, prompts, digits.steps, {"true_cfg_scale": digits.guidance}, outputs_digits=True, name=name,
+                             generate=lambda conds, seeds, T: digits([classes[c] for c in conds], seeds, num_inference_steps=T))
+
+
+def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | None = None, height: int | None = None,
+                  width: int | None = None, guidance: float | None = None, output_type: str = "latent") -> DiffusersRollouts:
+    """``--pipeline DIR_OR_ID`` with ``--prompts FILE``: the shipped digit FLUX (``mnist-flux``, prompts are digits,
+    all ten by default) or any diffusers pipeline with a supported transformer (``DiffusionPipeline.from_pretrained``;
+    offline, a hub id must already be in the local cache). ``steps`` defaults to the pipeline's own default."""
+    import inspect
+
+    from recache.data.prompts import load_prompts
+
+    prompts = load_prompts(prompts_file) if prompts_file is not None else None
+    if pipeline == "mnist-flux" or (Path(pipeline) / "recache.json").exists():
+        return _digit_flux_rollouts(pipeline, prompts, steps, guidance)
+    if prompts is None:
+        raise RecacheError(f"pipeline {pipeline} needs a prompts file (--prompts FILE: .txt, .jsonl or .csv)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pipeline)
+    except Exception as e:  # a missing folder, an id not in the offline cache, a broken model_index.json
+        raise RecacheError(f"pipeline {pipeline!r} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not hasattr(pipe, "transformer"):
+        raise RecacheError(f"pipeline {pipeline!r} ({type(pipe).__name__}) has no transformer to cache")
+    pipe.set_progress_bar_config(disable=True)
+    if steps is None:
+        steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps", inspect.Parameter("n", 1, default=28)).default
+    call = {k: v for k, v in (("height", height), ("width", width), ("guidance_scale", guidance)) if v is not None}
+    return DiffusersRollouts(pipe, prompts, int(steps), call, output_type=output_type, outputs_digits=False, name=pipeline)
