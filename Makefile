@@ -29,10 +29,11 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recache tests bench
 
-# Reproduce the committed weights of the embedded models (about 15 minutes on 2 cores).
+# Reproduce the committed weights of the embedded models (about 30 minutes on 2 cores; mnist-flux uses one thread).
 weights: $(STAMP)
 	$(VENV)/bin/recache pretrain dit
 	$(VENV)/bin/recache pretrain classifier
+	$(VENV)/bin/recache pretrain flux
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

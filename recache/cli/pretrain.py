@@ -1,4 +1,4 @@
-"""``recache pretrain dit|classifier``: reproduce the embedded models' committed weights and model cards."""
+"""``recache pretrain dit|classifier|flux``: reproduce the embedded models' committed weights and model cards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from recache.models.pretrained import WEIGHTS_DIR
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("pretrain", help="train the embedded DiT or digit classifier from scratch")
+    p = sub.add_parser("pretrain", help="train the embedded DiT, digit classifier or Flux digits model from scratch")
     which = p.add_subparsers(dest="which", required=True)
     dit = which.add_parser("dit", help="the class-conditional flow-matching DiT (about 12 min on 2 cores)")
     dit.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-dit"), help="output folder (default: the shipped weights)")
@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     clf.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-classifier"), help="output folder (default: the shipped weights)")
     clf.add_argument("--epochs", type=positive_int, default=30)
     clf.add_argument("--seed", type=int, default=0)
+    flux = which.add_parser("flux", help="the FLUX-architecture digits model, mnist-flux (about 15 min on one thread)")
+    flux.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-flux"), help="output folder (default: the shipped weights)")
+    flux.add_argument("--steps", type=positive_int, default=1000, help="optimiser updates (default: 1000)")
+    flux.add_argument("--seed", type=int, default=0)
+    flux.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
     p.set_defaults(run=run)
 
 
@@ -30,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
         from recache.models.train_dit import train_dit
 
         info = train_dit(args.out, architecture=args.architecture, steps=args.steps, seed=args.seed, resume=args.resume)
+    elif args.which == "flux":
+        from recache.models.train_flux_digits import train_flux_digits
+
+        info = train_flux_digits(args.out, steps=args.steps, seed=args.seed, resume=args.resume)
     else:
         from recache.models.train_classifier import train_classifier
 
