@@ -86,8 +86,11 @@ class Schedule:
         return {"format": FORMAT, "T": self.T, "k": self.k, "mask": [int(m) for m in self.mask], **self.metadata}
 
     def to_cache_dit(self) -> dict:
-        """Keyword arguments for cache-dit's ``DBCacheConfig``: a static mask that forces each 0 to be cached."""
-        return {"steps_computation_mask": [int(m) for m in self.mask], "steps_computation_policy": "static"}
+        """Keyword arguments for cache-dit's ``DBCacheConfig``: a static mask (1 = compute) that forces each 0 to be
+        cached, no warm-up (the mask decides from step 0), and the fewest blocks cache-dit runs on a cached step
+        (F1B0: its first block still runs, so a cached step costs 1/N of a pass, where recache's costs none)."""
+        return {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 0, "num_inference_steps": self.T,
+                "steps_computation_mask": [int(m) for m in self.mask], "steps_computation_policy": "static"}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
