@@ -36,7 +36,7 @@ def flux_pipe():
     return tiny_flux_pipeline()
 
 
-@pytest.mark.parametrize("mechanism", ["reuse", "taylorseer"])
+@pytest.mark.parametrize("mechanism", ["reuse", "taylorseer", "hicache"])
 @pytest.mark.parametrize("model", list(MAKERS))
 def test_full_budget_is_exact_and_blocks_run_k_times(model, mechanism):
     transformer = MAKERS[model]()
@@ -57,6 +57,30 @@ def test_full_budget_is_exact_and_blocks_run_k_times(model, mechanism):
         assert 0 < error < 0.5, error  # cached steps really change the output, and not into noise
         remove_recache(transformer)
     assert torch.equal(euler_loop(transformer, T, inputs), reference)  # removal restores the model bit for bit
+
+
+@pytest.mark.parametrize("mechanism", ["reuse", "taylorseer"])
+def test_half_precision_stays_half_precision(mechanism):
+    transformer = tiny_flux_transformer().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in transformer_inputs(transformer).items()}
+    reference = euler_loop(transformer, 10, inputs).float()
+    apply_recache(transformer, RecacheHookConfig(budget=4, mechanism=mechanism, num_inference_steps=10))
+    out = euler_loop(transformer, 10, inputs)
+    remove_recache(transformer)
+    assert out.dtype == torch.bfloat16
+    assert 0 < ((out.float() - reference).norm() / reference.norm()).item() < 0.5
+
+
+def test_one_cache_at_a_time_with_diffusers_caches():
+    from diffusers import FirstBlockCacheConfig
+
+    transformer = tiny_flux_transformer()
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(RecacheError, match="a diffusers cache is enabled"):
+        recache.enable(transformer, budget=3)
+    transformer.disable_cache()
+    recache.enable(transformer, budget=3)
+    recache.disable(transformer)
 
 
 def test_pipeline_full_budget_equals_uncached_and_each_cfg_branch_runs_k(flux_pipe):

@@ -254,6 +254,8 @@ def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> Re
     blocks = transformer_blocks(transformer)
     if is_recache_enabled(transformer):
         raise RecacheError("recache is already enabled on this transformer; disable it first (recache.disable / remove_recache)")
+    if getattr(transformer, "is_cache_enabled", False):
+        raise RecacheError("a diffusers cache is enabled on this transformer; call transformer.disable_cache() first (one cache at a time)")
     if config.policy is not None and config.policy.config.model != model_fingerprint(transformer):
         raise RecacheError(f"the policy was trained for model {config.policy.config.model!r}, not {model_fingerprint(transformer)!r}")
     for block in blocks:

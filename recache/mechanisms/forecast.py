@@ -31,8 +31,10 @@ class DividedDifferences(Mechanism):
 
     def record(self, step: int | torch.Tensor, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         feature = h_out - h_in
+        if self.nodes.device != feature.device:  # state follows the model's device (a GPU pipeline)
+            self.nodes, self.count = self.nodes.to(feature.device), self.count.to(feature.device)
         nodes, count = self.nodes[rows], self.count[rows]
-        at = torch.as_tensor(step, dtype=nodes.dtype).expand(nodes.shape[0])  # one step per row
+        at = torch.as_tensor(step, dtype=nodes.dtype, device=nodes.device).expand(nodes.shape[0])  # one step per row
         new = [feature]
         for j in range(self.order):
             if self.diffs[j].value is None:
@@ -54,5 +56,5 @@ class DividedDifferences(Mechanism):
         weights = self.basis(step, rows)
         out = h + self.diffs[0].read(rows)
         for j in range(1, self.order + 1):
-            out = torch.addcmul(out, weights[j].view(-1, *[1] * (h.dim() - 1)), self.diffs[j].read(rows))
+            out = torch.addcmul(out, weights[j].view(-1, *[1] * (h.dim() - 1)).to(h.dtype), self.diffs[j].read(rows))
         return out
