@@ -136,9 +136,20 @@ def test_shipped_policies_load_for_the_embedded_model():
     from recache.mechanisms import MECHANISMS
     from recache.policies import shipped_policies
 
-    assert shipped_policies() == sorted(f"mnist-dit-{m}" for m in MECHANISMS)
+    assert shipped_policies() == sorted([*(f"mnist-dit-{m}" for m in MECHANISMS), "mnist-flux-taylorseer"])
     for m in MECHANISMS:
         policy = ReCachePolicy.from_pretrained(f"mnist-dit-{m}", T=50, model="mnist-dit", mechanism=m)
         assert (policy.config.k_min, policy.config.k_max, policy.config.sigmas) == (4, 25, "linear")
         assert policy.config.training["seeds_hash"] and max(policy.config.training.get("pool", 0), 1) < 900_000
         assert [policy.schedule(k).k for k in (4, 10, 25)] == [4, 10, 25]
+
+
+def test_shipped_flux_policy_is_for_the_shipped_flux_model():
+    from recache.hooks import model_fingerprint
+    from recache.models.flux_digits import load_flux_digits
+
+    transformer, _, meta = load_flux_digits()
+    policy = ReCachePolicy.from_pretrained("mnist-flux-taylorseer", T=meta["sampling"]["steps"], model=model_fingerprint(transformer),
+                                           mechanism="taylorseer")
+    assert [policy.schedule(k).k for k in range(policy.config.k_min, policy.config.k_max + 1)] == list(range(4, 21))
+    assert policy.schedule_for_steps(6, 28).k == 6  # FLUX's default step count, mapped

@@ -1,0 +1,248 @@
+"""recache against diffusers' own caches on a trained FLUX (the shipped ``mnist-flux``), at equal realised passes.
+
+Every method runs inside the same ``diffusers.FluxPipeline`` (true CFG: a "cond" and an "uncond" transformer call
+per step) on held-out (class, seed) pairs, and is compared with the uncached output from the same noise and class:
+relative L2, PSNR and the digit classifier's feature distance (± SE over the pairs), realised full passes per
+branch (counted from the last block's attention calls, the same counter for every method) and wall time (median
+of ``--runs`` timed calls of the whole held-out batch; speed-up against the uncached median of the same runs).
+
+- ours: uniform schedules (``reuse``, ``taylorseer``), a BudCache-searched ``taylorseer`` schedule (searched here
+  on calibration seeds with at most 5 hill-climbing moves, unless ``--search-dir`` holds it) and the shipped ReCache policy
+  ``mnist-flux-taylorseer`` (trained on this pipeline with ``recache train --pipeline mnist-flux``);
+- diffusers 0.42's: ``FirstBlockCacheConfig`` (threshold bisected on calibration seeds to the budget),
+  ``MagCacheConfig`` (ratios calibrated on this model with ``calibrate=True``, then threshold bisected; retention
+  0.1 and no cap on consecutive skips, so that small budgets are reachable),
+  ``TaylorSeerCacheConfig`` (interval and warm-up chosen to realise the budget; default mode forecasts the
+  attention outputs and still runs the MLPs on cached steps, lite mode skips whole blocks).
+
+    .venv/bin/python bench/diffusers_caches.py [--budgets 7,10] [--runs 3] [--per-class 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig  # noqa: E402
+
+import recache  # noqa: E402
+from recache.evaluation.protocol import calibration_pairs, heldout_pairs  # noqa: E402
+from recache.io import write_text  # noqa: E402
+from recache.metrics.fidelity import psnr, relative_l2  # noqa: E402
+from recache.metrics.paired import mean_and_se  # noqa: E402
+from recache.models.flux_digits import FluxDigitsPipeline  # noqa: E402
+from recache.models.pretrained import load_classifier  # noqa: E402
+from recache.policies import ReCachePolicy  # noqa: E402
+from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule  # noqa: E402
+from recache.sampling.diffusers_rollouts import load_rollouts  # noqa: E402
+from recache.schedule import Schedule  # noqa: E402
+
+CALIBRATION = 16  # calibration pairs for thresholds (seeds 0..15, never held out)
+
+
+class PassCounter:
+    """Counts the calls of the last block's attention: one per full pass of one CFG branch, whatever the cache."""
+
+    def __init__(self, transformer):
+        last = transformer.single_transformer_blocks[-1] if len(transformer.single_transformer_blocks) else transformer.transformer_blocks[-1]
+        self.calls = 0
+        last.attn.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+    def per_branch(self, fn) -> float:
+        self.calls = 0
+        fn()
+        return self.calls / 2  # true CFG: a cond and an uncond call per step
+
+
+def ours(schedule: Schedule, mechanism: str):
+    return lambda pipe: recache.enable(pipe, schedule=schedule, mechanism=mechanism), recache.disable
+
+
+def theirs(config):
+    return lambda pipe: pipe.transformer.enable_cache(config), lambda pipe: pipe.transformer.disable_cache()
+
+
+def realised(digits, counter, setup, classes, seeds) -> float:
+    enable, disable = setup
+    enable(digits.pipe)
+    try:
+        return counter.per_branch(lambda: digits(classes, seeds))
+    finally:
+        disable(digits.pipe)
+
+
+def bisect_threshold(make, digits, counter, k, classes, seeds, lo=0.0, hi=4.0, iters=14) -> tuple[float, float]:
+    """The threshold whose mean realised passes on the calibration pairs is closest to ``k`` (passes fall as it grows)."""
+    best = (float("inf"), hi, None)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        passes = realised(digits, counter, theirs(make(mid)), classes, seeds)
+        best = min(best, (abs(passes - k), mid, passes))
+        if abs(passes - k) < 0.5:
+            break
+        lo, hi = (mid, hi) if passes > k else (lo, mid)
+    return best[1], best[2]
+
+
+def mag_ratios(digits, classes, seeds) -> list[float]:
+    """MagCache's calibration run on this model: it prints one ratio list per branch at the end; we average them."""
+    config = MagCacheConfig(calibrate=True, num_inference_steps=digits.steps)
+    digits.transformer.enable_cache(config)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            digits(classes, seeds)
+    finally:
+        digits.transformer.disable_cache()
+    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[")]
+    return [statistics.fmean(values) for values in zip(*lists, strict=True)]
+
+
+def taylorseer_config(digits, counter, k, classes, seeds, lite: bool):
+    """The (interval, warm-up) whose realised passes are closest to ``k``, preferring diffusers' default warm-up 3."""
+    best = None
+    for warmup in (3, 2, 1, 4):
+        for interval in range(2, digits.steps):
+            config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=1,
+                                           taylor_factors_dtype=torch.float32, use_lite_mode=lite)
+            passes = realised(digits, counter, theirs(config), classes[:1], seeds[:1])
+            if best is None or abs(passes - k) < best[0]:
+                best = (abs(passes - k), config, passes)
+            if passes < k:  # passes only fall as the interval grows
+                break
+        if best[0] == 0:
+            break
+    return best[1]
+
+
+def evaluate(name, family, setup, digits, counter, classes, seeds, reference, ref_features, classifier, runs, base_seconds):
+    """Quality of the first of ``runs`` timed calls (all are identical), the median time and the realised passes."""
+    enable, disable = setup
+    enable(digits.pipe)
+    seconds, images = [], None
+    counter.calls = 0
+    try:
+        for _ in range(runs):
+            start = time.perf_counter()
+            out = digits(classes, seeds)
+            seconds.append(time.perf_counter() - start)
+            images = out if images is None else images
+    finally:
+        disable(digits.pipe)
+    passes = counter.calls / 2 / runs  # true CFG: a cond and an uncond call per step
+    with torch.no_grad():
+        distance = (classifier.features(images) - ref_features).norm(dim=1)
+    row = {"method": name, "family": family, "realised_passes": passes, "seconds": statistics.median(seconds)}
+    row["speedup"] = base_seconds / row["seconds"]
+    for metric, values in (("rel_l2", relative_l2(images, reference)), ("psnr", psnr(images, reference)), ("feature_distance", distance)):
+        row[metric], row[metric + "_se"] = mean_and_se(values)
+    print(f"  {name:<44} passes {passes:5.1f}  rel-L2 {row['rel_l2']:.4f}  feature distance {row['feature_distance']:.3f}  "
+          f"{row['speedup']:.2f}x", flush=True)
+    return row
+
+
+def table(rows: list[dict], T: int) -> str:
+    lines = [f"| budget | method | realised passes / branch (of {T}) | rel-L2 | PSNR dB | feature distance | wall s | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['budget']} | {r['method']} | {r['realised_passes']:.1f} | {r['rel_l2']:.4f} ± {r['rel_l2_se']:.4f} | "
+                     f"{r['psnr']:.1f} | {r['feature_distance']:.3f} ± {r['feature_distance_se']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for family, marker in (("recache", "o"), ("diffusers", "s")):
+        picked = [r for r in rows if r["family"] == family]
+        for ax, x in zip(axes, ("realised_passes", "speedup"), strict=True):
+            ax.scatter([r[x] for r in picked], [r["feature_distance"] for r in picked], marker=marker, label=family)
+            for r in picked:
+                ax.annotate(r["method"], (r[x], r["feature_distance"]), fontsize=6)
+    axes[0].set_xlabel("realised full passes per CFG branch")
+    axes[1].set_xlabel("measured speed-up over uncached")
+    for ax in axes:
+        ax.set_ylabel("feature distance to uncached (lower is better)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="7,10", help="full passes per branch, comma-separated")
+    parser.add_argument("--runs", type=int, default=3, help="timed calls per method (median)")
+    parser.add_argument("--per-class", type=int, default=5, help="held-out pairs per digit")
+    parser.add_argument("--policy", default="mnist-flux-taylorseer", help="the ReCache policy trained on mnist-flux")
+    parser.add_argument("--search-dir", default="runs/bench/diffusers_caches/search", help="BudCache searches (reused if present)")
+    parser.add_argument("--out", default="runs/bench/diffusers_caches")
+    args = parser.parse_args()
+    out = Path(args.out)
+    digits = FluxDigitsPipeline.from_pretrained("mnist-flux")
+    digits.pipe.set_progress_bar_config(disable=True)
+    T, counter, classifier = digits.steps, PassCounter(digits.transformer), load_classifier()
+    classes, seeds = heldout_pairs(args.per_class)
+    cal_classes, cal_seeds = calibration_pairs(CALIBRATION)
+    reference = digits(classes, seeds)
+    with torch.no_grad():
+        ref_features = classifier.features(reference)
+    uncached = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        digits(classes, seeds)
+        uncached.append(time.perf_counter() - start)
+    base = statistics.median(uncached)
+    print(f"mnist-flux, T = {T}, guidance {digits.guidance}, {len(seeds)} held-out pairs; uncached {base:.2f} s (median of {args.runs})")
+    policy = ReCachePolicy.from_pretrained(args.policy, T=T)
+    ratios = mag_ratios(digits, cal_classes, cal_seeds)
+    rows = []
+    for k in [int(b) for b in args.budgets.split(",")]:
+        print(f"k = {k} of {T}", flush=True)
+        search_dir = Path(args.search_dir) / f"taylorseer-k{k}"
+        if (search_dir / SCHEDULE).exists():
+            searched = Schedule.load(search_dir / SCHEDULE, T=T)
+        else:
+            searched, _ = search_schedule(SearchConfig(k=k, mechanism="taylorseer", hc_iters=5), load_rollouts("mnist-flux", steps=T), search_dir)
+        fbc, _ = bisect_threshold(lambda t: FirstBlockCacheConfig(threshold=t), digits, counter, k, cal_classes, cal_seeds)
+        magcache = lambda t: MagCacheConfig(threshold=t, mag_ratios=ratios, num_inference_steps=T, max_skip_steps=T, retention_ratio=0.1)  # noqa: E731
+        mag, _ = bisect_threshold(magcache, digits, counter, k, cal_classes, cal_seeds, hi=8.0)
+        methods = [
+            ("uniform / reuse", "recache", ours(Schedule.uniform(T, k), "reuse")),
+            ("uniform / taylorseer", "recache", ours(Schedule.uniform(T, k), "taylorseer")),
+            ("BudCache searched / taylorseer", "recache", ours(searched, "taylorseer")),
+            ("ReCache learned / taylorseer", "recache", ours(policy.schedule(k), "taylorseer")),
+            (f"FirstBlockCache (threshold {fbc:.3g})", "diffusers", theirs(FirstBlockCacheConfig(threshold=fbc))),
+            (f"MagCache (threshold {mag:.3g})", "diffusers",
+             theirs(magcache(mag))),
+        ]
+        for lite in (False, True):
+            config = taylorseer_config(digits, counter, k, cal_classes, cal_seeds, lite)
+            label = f"TaylorSeerCache{' lite' if lite else ''} (interval {config.cache_interval}, warm-up {config.disable_cache_before_step})"
+            methods.append((label, "diffusers", theirs(config)))
+        for name, family, setup in methods:
+            row = evaluate(name, family, setup, digits, counter, classes, seeds, reference, ref_features, classifier, args.runs, base)
+            rows.append({"budget": k, **row})
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / "table.md", table(rows, T))
+    plot(rows, out / "quality_vs_cost.png")
+    print(table(rows, T))
+    print(f"-> {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'quality_vs_cost.png'}")
+
+
+if __name__ == "__main__":
+    main()
