@@ -3,11 +3,11 @@
 Every method runs inside the same ``diffusers.FluxPipeline`` (true CFG: a "cond" and an "uncond" transformer call
 per step) on held-out (class, seed) pairs, and is compared with the uncached output from the same noise and class:
 relative L2, PSNR and the digit classifier's feature distance (± SE over the pairs), realised full passes per
-branch (counted from the last block's attention calls, the same counter for every method) and wall time (median
+branch (counted from the last block's attention query projections, the same counter for every method) and wall time (median
 of ``--runs`` timed calls of the whole held-out batch; speed-up against the uncached median of the same runs).
 
 - ours: uniform schedules (``reuse``, ``taylorseer``), a BudCache-searched ``taylorseer`` schedule (searched here
-  on calibration seeds with at most 5 hill-climbing moves, unless ``--search-dir`` holds it) and the shipped ReCache policy
+  on ``--search-pairs`` calibration pairs with at most 5 hill-climbing moves, unless ``--search-dir`` holds it) and the shipped ReCache policy
   ``mnist-flux-taylorseer`` (trained on this pipeline with ``recache train --pipeline mnist-flux``);
 - diffusers 0.42's: ``FirstBlockCacheConfig`` (threshold bisected on calibration seeds to the budget),
   ``MagCacheConfig`` (ratios calibrated on this model with ``calibrate=True``, then threshold bisected; retention
@@ -52,12 +52,13 @@ CALIBRATION = 16  # calibration pairs for thresholds (seeds 0..15, never held ou
 
 
 class PassCounter:
-    """Counts the calls of the last block's attention: one per full pass of one CFG branch, whatever the cache."""
+    """Counts the query projections of the last block's attention: one per full pass of one CFG branch, whatever the
+    cache (a skipped block never reaches them, nor does an attention whose output TaylorSeerCache forecasts)."""
 
     def __init__(self, transformer):
         last = transformer.single_transformer_blocks[-1] if len(transformer.single_transformer_blocks) else transformer.transformer_blocks[-1]
         self.calls = 0
-        last.attn.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        last.attn.to_q.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
     def per_branch(self, fn) -> float:
         self.calls = 0
@@ -105,7 +106,7 @@ def mag_ratios(digits, classes, seeds) -> list[float]:
             digits(classes, seeds)
     finally:
         digits.transformer.disable_cache()
-    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[")]
+    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[") and not line.startswith("[MagCache]")]
     return [statistics.fmean(values) for values in zip(*lists, strict=True)]
 
 
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=5, help="held-out pairs per digit")
     parser.add_argument("--policy", default="mnist-flux-taylorseer", help="the ReCache policy trained on mnist-flux")
     parser.add_argument("--search-dir", default="runs/bench/diffusers_caches/search", help="BudCache searches (reused if present)")
+    parser.add_argument("--search-pairs", type=int, default=32, help="calibration pairs of the BudCache searches (8 overfits here)")
     parser.add_argument("--out", default="runs/bench/diffusers_caches")
     args = parser.parse_args()
     out = Path(args.out)
@@ -212,11 +214,12 @@ def main() -> None:
     rows = []
     for k in [int(b) for b in args.budgets.split(",")]:
         print(f"k = {k} of {T}", flush=True)
-        search_dir = Path(args.search_dir) / f"taylorseer-k{k}"
+        search_dir = Path(args.search_dir) / f"taylorseer-k{k}-p{args.search_pairs}"
         if (search_dir / SCHEDULE).exists():
             searched = Schedule.load(search_dir / SCHEDULE, T=T)
         else:
-            searched, _ = search_schedule(SearchConfig(k=k, mechanism="taylorseer", hc_iters=5), load_rollouts("mnist-flux", steps=T), search_dir)
+            config = SearchConfig(k=k, mechanism="taylorseer", pairs=args.search_pairs, hc_iters=5)
+            searched, _ = search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir)
         fbc, _ = bisect_threshold(lambda t: FirstBlockCacheConfig(threshold=t), digits, counter, k, cal_classes, cal_seeds)
         magcache = lambda t: MagCacheConfig(threshold=t, mag_ratios=ratios, num_inference_steps=T, max_skip_steps=T, retention_ratio=0.1)  # noqa: E731
         mag, _ = bisect_threshold(magcache, digits, counter, k, cal_classes, cal_seeds, hi=8.0)
