@@ -182,13 +182,9 @@ class FluxDigitsPipeline:
         return self.pipe.transformer
 
     def check_pairs(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor) -> torch.Tensor:
-        classes = torch.as_tensor(classes, dtype=torch.long)
-        bad = classes[(classes < 0) | (classes >= self.class_embeddings.num_classes)]
-        if len(bad):
-            raise RecacheError(f"class {bad[0].item()} is outside 0-{self.class_embeddings.num_classes - 1}")
-        if len(seeds) != len(classes):
-            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
-        return classes
+        from recache.sampling.pairs import check_pairs
+
+        return check_pairs(classes, seeds, self.class_embeddings.num_classes)
 
     @torch.no_grad()
     def call_kwargs(self, classes: list[int] | torch.Tensor) -> dict:

@@ -20,6 +20,7 @@ from recache.hooks.schedule_cache import RecacheHookConfig, apply_recache, is_re
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
 from recache.mechanisms import Mechanism
 from recache.sampling.cached import masks_of
+from recache.sampling.pairs import check_pairs
 from recache.schedule import Schedule
 
 Generate = Callable[[list[int], list[int], int], torch.Tensor]  # (conditions, seeds, steps) -> outputs
@@ -71,13 +72,7 @@ class DiffusersRollouts:
         return out[0]
 
     def check_pairs(self, conds, seeds) -> list[int]:
-        conds = [int(c) for c in torch.as_tensor(conds).flatten()]
-        bad = [c for c in conds if not 0 <= c < self.num_conditions]
-        if bad:
-            raise RecacheError(f"prompt index {bad[0]} is outside 0-{self.num_conditions - 1}")
-        if len(seeds) != len(conds):
-            raise RecacheError(f"got {len(seeds)} seeds for {len(conds)} prompts; give one seed per sample")
-        return conds
+        return check_pairs(conds, seeds, self.num_conditions, "prompt index").tolist()
 
     @torch.no_grad()
     def __call__(self, conds, seeds) -> torch.Tensor:

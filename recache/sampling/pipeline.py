@@ -15,6 +15,7 @@ from recache.models.pretrained import load_dit, read_config
 from recache.sampling.cached import masks_of, sample_cached
 from recache.sampling.euler import GuidedVelocity
 from recache.sampling.online import sample_online
+from recache.sampling.pairs import check_pairs
 from recache.sampling.rollouts import sample_rollouts
 from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule
@@ -60,13 +61,7 @@ class DigitPipeline:
 
     def check_pairs(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor) -> torch.Tensor:
         """Classes as a tensor, after checking each is a class of the model and there is one seed per class."""
-        classes = torch.as_tensor(classes, dtype=torch.long)
-        bad = classes[(classes < 0) | (classes >= self.model.config.num_classes)]
-        if len(bad):
-            raise RecacheError(f"class {bad[0].item()} is outside 0-{self.model.config.num_classes - 1}")
-        if len(seeds) != len(classes):
-            raise RecacheError(f"got {len(seeds)} seeds for {len(classes)} classes; give one seed per sample")
-        return classes
+        return check_pairs(classes, seeds, self.model.config.num_classes)
 
     @torch.no_grad()
     def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, callback=None) -> torch.Tensor:
