@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"k = {schedule.k} of {schedule.T} ({args.mechanism}): computed steps {schedule.steps}")
     print(f"MSE to uncached on {config.pairs} calibration pairs: {schedule.metadata['search_loss']:.4g} (uniform schedule: {uniform:.4g}); "
           f"{schedule.metadata['evaluations']} schedules evaluated in {seconds:.0f} s")
-    print(f"schedule -> {out / SCHEDULE} (use with recache sample/eval --schedule), history -> {out / 'history.jsonl'}, plot -> {out / 'search.png'}")
+    use = "recache.enable(pipe, schedule=...)" if args.pipeline else "recache sample/eval --schedule"
+    print(f"schedule -> {out / SCHEDULE} (use with {use}), history -> {out / 'history.jsonl'}, plot -> {out / 'search.png'}")
     return 0
 

@@ -11,6 +11,7 @@ for true classifier-free guidance). FluxPipeline is told ``height = width = 160`
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -132,6 +133,9 @@ def save_flux_digits(folder: str | os.PathLike, transformer, embeddings: ClassEm
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
         transformer.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((Path(tmp) / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was loaded from: a path of the machine that saved it
+        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         umask = os.umask(0)
         os.umask(umask)
         for name in ("config.json", "diffusion_pytorch_model.safetensors"):
