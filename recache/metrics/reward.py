@@ -35,6 +35,15 @@ def _lpips() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 FIDELITIES = ("rel_l2", "ssim", "features", "lpips")
 
 
+def _checked_terms(fidelity: str, alpha: float, allowed: tuple[str, ...], unknown: str):
+    """Refuse a fidelity outside ``allowed`` or a negative ``alpha``; the LPIPS distance when it is asked for."""
+    if fidelity not in allowed:
+        raise RecacheError(f"{unknown.format(fidelity)}; choose from {', '.join(allowed)}")
+    if not alpha >= 0:
+        raise RecacheError(f"alpha must be >= 0 (the weight of the quality term), got {alpha}")
+    return _lpips() if fidelity == "lpips" else None
+
+
 @dataclass
 class Reward:
     """Per-sample reward and its two parts; ``targets`` are uncached samples, ``target_features`` their classifier features."""
@@ -44,11 +53,7 @@ class Reward:
     alpha: float = 0.0
 
     def __post_init__(self):
-        if self.fidelity not in FIDELITIES:
-            raise RecacheError(f"unknown fidelity {self.fidelity!r}; choose from {', '.join(FIDELITIES)}")
-        if not self.alpha >= 0:
-            raise RecacheError(f"alpha must be >= 0 (the weight of the quality term), got {self.alpha}")
-        self._lpips = _lpips() if self.fidelity == "lpips" else None
+        self._lpips = _checked_terms(self.fidelity, self.alpha, FIDELITIES, "unknown fidelity {!r}")
 
     @torch.no_grad()
     def features(self, targets: torch.Tensor) -> torch.Tensor:
@@ -85,19 +90,11 @@ class OutputReward:
     prompts: list[str] | None = None
 
     def __post_init__(self):
-        if self.fidelity not in OUTPUT_FIDELITIES:
-            raise RecacheError(f"fidelity {self.fidelity!r} is not available on a pipeline; choose from {', '.join(OUTPUT_FIDELITIES)}")
-        if not self.alpha >= 0:
-            raise RecacheError(f"alpha must be >= 0 (the weight of the quality term), got {self.alpha}")
-        self._lpips = _lpips() if self.fidelity == "lpips" else None
+        self._lpips = _checked_terms(self.fidelity, self.alpha, OUTPUT_FIDELITIES, "fidelity {!r} is not available on a pipeline")
         if self.alpha > 0:
             from recache.metrics.image_reward import load_image_reward
 
             self._quality = load_image_reward()
-
-    @property
-    def needs_images(self) -> bool:
-        return self.fidelity == "lpips" or self.alpha > 0
 
     def features(self, targets: torch.Tensor) -> torch.Tensor:
         return targets.new_zeros(len(targets), 0)
