@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) bench/sampling_speed.py
 	$(PY) bench/embedded_quality.py
 	$(PY) bench/caching_speed.py
+	$(PY) bench/data_parallel.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recache tests bench

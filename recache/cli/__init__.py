@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from recache.errors import RecacheError
@@ -28,12 +29,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from recache import distributed
+
+    under_torchrun = "LOCAL_RANK" in os.environ
+    if getattr(args, "nproc", 1) > 1 and not under_torchrun:
+        return distributed.launch(args.nproc, argv, args.command)
     try:
-        return args.run(args) or 0
+        if under_torchrun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if not getattr(args, "data_parallel", False):
+                raise RecacheError("only train, search and eval run on several ranks; start this command without torchrun")
+            distributed.init()
+        status = args.run(args) or 0
+        distributed.close()
+        return status
+    except distributed.RankLost as e:
+        print(f"recache {args.command} [rank {distributed.rank()}]: {e}", file=sys.stderr)
+        return _leave(1)
     except RecacheError as e:
-        print(f"recache {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if not getattr(e, "shown_by_main", False):
+            where = f" [rank {distributed.rank()}]" if distributed.is_distributed() else ""
+            print(f"recache {args.command}{where}: error: {e}", file=sys.stderr)
+        return _leave(2)
     except KeyboardInterrupt:
         print(f"recache {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _leave(130)
+
+
+def _leave(status: int) -> int:
+    """The exit status; a rank that stops on an error leaves at once: its process group may be broken, and the
+    other ranks may be inside a collective it will never join (its teardown would abort or wait)."""
+    from recache import distributed
+
+    if distributed.is_distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recache import distributed
 from recache.cli.options import (
     add_model_options,
+    add_nproc_option,
     add_policy_options,
     check_writable,
     heuristic_list,
@@ -49,6 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--per-class", type=positive_int, default=10, help="held-out pairs per class (default: 10)")
     p.add_argument("--timing-runs", type=nonnegative_int, default=3, help="same-run timings per row for the speed-up; 0 skips (default: 3)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    add_nproc_option(p)
     p.set_defaults(run=run)
 
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for k in args.budgets:
         check_budget(k, pipe.steps)
     out = Path(args.out)
-    check_writable(out)
+    distributed.on_main(lambda: check_writable(out))
     methods = [Method("uniform", m, k, Schedule.uniform(pipe.steps, k)) for k in args.budgets for m in args.mechanisms]
     for f in args.schedule:
         schedule = Schedule.load(f, T=pipe.steps, model=pipe.model_id)
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         methods += found
     classes, seeds = heldout_pairs(args.per_class) if args.pairs == "heldout" else calibration_pairs(10 * args.per_class)
     result = run_comparison(pipe, methods, out, classes, seeds, args.timing_runs, resume=args.resume)
+    if not distributed.is_main():
+        return 0
     intro = (f"{pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs; metrics against the uncached output from "
              f"the same noise and class. Uncached sampling of the {len(seeds)} pairs took {result['reference_seconds']:.2f} s.")
     write_text(out / "summary.md", markdown_report(result, "Evaluation", intro, notes))

@@ -104,6 +104,14 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=positive_int, default=None, help="with --pipeline: image width (default: the pipeline's)")
 
 
+def add_nproc_option(parser: argparse.ArgumentParser) -> None:
+    """Data-parallel ranks (``recache.distributed``): ``--nproc`` here, or ``torchrun ... -m recache`` for several machines."""
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="processes on this machine, sharing the pairs, started with torchrun (default: 1); for several "
+                             "machines start 'torchrun ... -m recache' yourself (docs/distributed.md)")
+    parser.set_defaults(data_parallel=True)
+
+
 def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
     """The embedded ``DigitPipeline`` (``--model``), or ``DiffusersRollouts`` for ``--pipeline``."""
     from recache.errors import RecacheError

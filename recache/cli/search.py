@@ -6,7 +6,16 @@ import argparse
 import time
 from pathlib import Path
 
-from recache.cli.options import add_model_options, add_pipeline_options, load_sampler, nonnegative_float, nonnegative_int, positive_int
+from recache import distributed
+from recache.cli.options import (
+    add_model_options,
+    add_nproc_option,
+    add_pipeline_options,
+    load_sampler,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+)
 from recache.evaluation.plots import plot_search_history
 from recache.mechanisms import MECHANISMS
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
@@ -19,7 +28,8 @@ def add_parser(sub) -> None:
     add_pipeline_options(p)
     p.add_argument("--budget", type=positive_int, required=True, help="full passes k of T")
     p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism, help=f"caching mechanism (default: {d.mechanism})")
-    p.add_argument("--pairs", type=positive_int, default=d.pairs, help=f"calibration (class, seed) pairs, seeds 0..pairs-1 (default: {d.pairs})")
+    p.add_argument("--pairs", type=positive_int, default=d.pairs,
+                   help=f"calibration (class, seed) pairs, seeds 0..pairs-1, split across ranks with --nproc (default: {d.pairs})")
     p.add_argument("--sa-iters", type=nonnegative_int, default=d.sa_iters, help=f"annealing iterations (default: {d.sa_iters})")
     p.add_argument("--hc-iters", type=nonnegative_int, default=d.hc_iters, help=f"at most this many hill-climbing moves (default: {d.hc_iters})")
     p.add_argument("--restarts", type=positive_int, default=d.restarts, help=f"random restarts sharing the memo (default: {d.restarts})")
@@ -27,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--t-min", type=nonnegative_float, default=d.t_min, help=f"final temperature (default: {d.t_min:g})")
     p.add_argument("--out", default=None, help="output folder (default: runs/search/<mechanism>-k<budget>)")
     p.add_argument("--resume", action="store_true", help="reuse the losses already evaluated by the search in --out")
+    add_nproc_option(p)
     p.set_defaults(run=run)
 
 
@@ -38,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     schedule, history = search_schedule(config, pipe, out, resume=args.resume)
     seconds = time.perf_counter() - start
+    if not distributed.is_main():
+        return 0
     uniform = schedule.metadata["uniform_loss"]
     plot_search_history(history, out / "search.png", uniform)
     print(f"k = {schedule.k} of {schedule.T} ({args.mechanism}): computed steps {schedule.steps}")

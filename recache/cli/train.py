@@ -6,7 +6,16 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from recache.cli.options import add_model_options, add_pipeline_options, load_sampler, nonnegative_float, positive_float, positive_int
+from recache import distributed
+from recache.cli.options import (
+    add_model_options,
+    add_nproc_option,
+    add_pipeline_options,
+    load_sampler,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from recache.evaluation.plots import plot_training_curve
 from recache.mechanisms import MECHANISMS
 from recache.metrics.reward import FIDELITIES
@@ -22,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--k-min", type=positive_int, default=d.k_min, help=f"smallest trained budget (default: {d.k_min})")
     p.add_argument("--k-max", type=positive_int, default=d.k_max, help=f"largest trained budget (default: {d.k_max})")
     p.add_argument("--updates", type=positive_int, default=d.updates, help=f"policy updates (default: {d.updates})")
-    p.add_argument("--pairs", type=positive_int, default=d.pairs, help=f"(class, seed) pairs per update (default: {d.pairs})")
+    p.add_argument("--pairs", type=positive_int, default=d.pairs,
+                   help=f"(class, seed) pairs per update and rank; with --nproc N an update has N times as many (default: {d.pairs})")
     p.add_argument("--group", type=positive_int, default=d.group, help=f"schedules per pair, G >= 2 (default: {d.group})")
     p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
     p.add_argument("--entropy", type=nonnegative_float, default=d.entropy, help=f"entropy bonus, decayed to 0 (default: {d.entropy:g})")
@@ -31,6 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pool", type=positive_int, default=d.pool, help=f"calibration pairs, seeds 0..pool-1 (default: {d.pool})")
     p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_nproc_option(p)
     p.set_defaults(run=run)
 
 
@@ -39,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_sampler(args, output_type="pt" if args.fidelity == "lpips" or args.alpha > 0 else "latent")
     out = Path(args.out)
     policy = train_recache(config, out, pipe, resume=args.resume)
+    if not distributed.is_main():
+        return 0
     plot_training_curve(read_log(out / LOG), out / "training_curve.png")
     print(f"{'k':>3}  computed steps (deterministic top-k; 'uniform' where the guard kept the uniform schedule)")
     for k in range(config.k_min, config.k_max + 1):

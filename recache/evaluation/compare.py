@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from recache import distributed
 from recache.errors import RecacheError
 from recache.evaluation.evaluate import Method, evaluate, make_reference
 from recache.evaluation.plots import plot_quality_vs_budget, plot_quality_vs_cost, plot_sample_strips, plot_schedule_heatmap
@@ -37,8 +38,9 @@ def heuristic_methods(names: Sequence[str], budgets: Sequence[int], pipe, mechan
             path = folder / f"{name}-k{k}.json"
             calibration = _saved_calibration(path)
             if calibration is None or not calibration.matches(name, k, pipe, pairs):
-                calibration = calibrate(name, k, pipe, classes, seeds, progress=progress, fitted=fitted)
-                calibration.save(path)  # atomic: replaces a stale file whole
+                calibration = calibrate(name, k, pipe, classes, seeds, progress=progress and distributed.is_main(), fitted=fitted)
+                if distributed.is_main():  # every rank calibrates alike (deterministic); rank 0 keeps the file
+                    calibration.save(path)  # atomic: replaces a stale file whole
             fitted = calibration.options
             if not calibration.reachable:
                 notes.append(f"{name} cannot reach k = {k} on the calibration pairs; evaluated at the closest it reaches, "
@@ -67,37 +69,49 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
                    resume: bool = False, progress: bool = True) -> dict:
     """Evaluate every method; ``rows.jsonl`` is rewritten after each one, so ``resume`` keeps the methods already
     in it whose rows cover exactly these (class, seed) pairs at this T, and evaluates the others again. Writes
-    ``rows.jsonl``, ``summary.json`` and the plots; returns rows, summary, paired comparisons and the uncached samples."""
+    ``rows.jsonl``, ``summary.json`` and the plots; returns rows, summary, paired comparisons and the uncached samples.
+    Under torchrun the ranks share the pairs (``evaluate``), every rank returns the whole result, rank 0 writes it."""
     keys = [_key(m.policy, m.mechanism, m.k) for m in methods]
     if not methods:
         raise RecacheError("nothing to evaluate: the list of policies, budgets and mechanisms is empty")
     if len(set(keys)) != len(keys):
         raise RecacheError("two methods have the same policy, mechanism and budget; give them different labels")
+    if len(seeds) < distributed.world_size():
+        raise RecacheError(f"{len(seeds)} pairs cannot be shared by {distributed.world_size()} ranks; evaluate more pairs")
+    main = distributed.is_main()
     classifier = load_classifier()
     ref = make_reference(pipe, classifier, classes, seeds)
     rows: list[dict] = []
-    if resume and (out / "rows.jsonl").exists():
-        rows = _complete_rows(out / "rows.jsonl", keys, classes, seeds, pipe.steps)
+    if resume:
+        rows = distributed.on_main(lambda: _complete_rows(out / "rows.jsonl", keys, classes, seeds, pipe.steps))
     done = {_key(r["policy"], r["mechanism"], r["k"]) for r in rows}
-    for method, key in tqdm(list(zip(methods, keys, strict=True)), desc="methods", disable=not progress):
-        if key not in done:
-            rows += evaluate(pipe, classifier, ref, method, timing_runs)[0]
-            write_jsonl(out / "rows.jsonl", rows)
+    try:
+        for method, key in tqdm(list(zip(methods, keys, strict=True)), desc="methods", disable=not (progress and main)):
+            if key not in done:
+                rows += evaluate(pipe, classifier, ref, method, timing_runs)
+                if main:
+                    write_jsonl(out / "rows.jsonl", rows)
+    except distributed.RankLost as e:
+        raise distributed.RankLost(f"{e}; the rows of the methods done are kept in {out / 'rows.jsonl'}: resume with --resume") from None
     summary, paired = summarize(rows), paired_comparison(rows)
-    write_json(out / "summary.json", {"summary": summary, "paired": paired, "uncached_seconds": ref.seconds})
-    plot_quality_vs_budget(summary, out / "quality_vs_budget.png")
-    plot_quality_vs_cost(summary, out / "quality_vs_realised_k.png", x="realised_k")
-    if timing_runs:
-        plot_quality_vs_cost(summary, out / "quality_vs_speedup.png", x="speedup")
     budgets = sorted({m.k for m in methods})
-    for k in budgets:
-        plot_schedule_heatmap(rows, k, out / f"schedules_k{k}.png")
-        _sample_strips(pipe, [m for m in methods if m.k == k], ref, out / f"samples_k{k}.png")
-    return {"rows": rows, "summary": summary, "paired": paired, "reference": ref.images, "reference_seconds": ref.seconds, "budgets": budgets}
+    if main:
+        write_json(out / "summary.json", {"summary": summary, "paired": paired, "uncached_seconds": ref.seconds})
+        plot_quality_vs_budget(summary, out / "quality_vs_budget.png")
+        plot_quality_vs_cost(summary, out / "quality_vs_realised_k.png", x="realised_k")
+        if timing_runs:
+            plot_quality_vs_cost(summary, out / "quality_vs_speedup.png", x="speedup")
+        for k in budgets:
+            plot_schedule_heatmap(rows, k, out / f"schedules_k{k}.png")
+            _sample_strips(pipe, [m for m in methods if m.k == k], ref, out / f"samples_k{k}.png")
+    return {"rows": rows, "summary": summary, "paired": paired, "reference": distributed.all_gather_rows(ref.images),
+            "reference_seconds": ref.seconds, "budgets": budgets}
 
 
 def _complete_rows(path: Path, keys: list[tuple], classes: torch.Tensor, seeds: list[int], T: int) -> list[dict]:
     """The rows of ``path`` for the methods in ``keys`` whose rows are exactly one per (class, seed) pair, at ``T``."""
+    if not path.exists():
+        return []
     pairs = sorted((int(c), int(s)) for c, s in zip(classes, seeds, strict=True))
     by_key: dict[tuple, list[dict]] = {}
     for line in path.read_text().splitlines():
@@ -108,10 +122,10 @@ def _complete_rows(path: Path, keys: list[tuple], classes: torch.Tensor, seeds: 
             and sorted((r["class"], r["seed"]) for r in group) == pairs for r in group]
 
 
-def _sample_strips(pipe, methods: list[Method], ref, path: Path, pairs: int = 10) -> None:
-    """Uncached vs each method on the first ``pairs`` evaluation pairs (one per class in the protocol's order)."""
-    classes, seeds = ref.classes[:pairs], ref.seeds[:pairs]
-    strips = [("uncached", ref.images[:pairs])]
+def _sample_strips(pipe, methods: list[Method], ref, path: Path) -> None:
+    """Uncached vs each method on the first evaluation pairs (one per class in the protocol's order)."""
+    classes, seeds = ref.first_classes, ref.first_seeds
+    strips = [("uncached", pipe(classes, seeds))]
     strips += [(f"{m.policy} / {m.mechanism}", m.sample(pipe, classes, seeds)[0]) for m in methods]
     plot_sample_strips(strips, path)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from recache import distributed
 from recache.metrics import classifier_scores, psnr, relative_l2, ssim
 from recache.models.classifier import DigitClassifier
 from recache.policies.heuristics import OnlineHeuristic
@@ -49,14 +50,19 @@ class Method:
 
 @dataclass
 class Reference:
-    """Uncached samples for the pairs (computed once), their classifier features, wall time and FLOPs per sample."""
+    """Uncached samples for the pairs (computed once), their classifier features, wall time and FLOPs per sample.
+
+    Under torchrun ``classes``, ``seeds``, ``images`` and ``features`` are this rank's block of the pairs;
+    ``first_classes`` and ``first_seeds`` are the first pairs of all (FLOPs are counted and sample strips drawn on them)."""
 
     classes: torch.Tensor
     seeds: list[int]
     images: torch.Tensor
     features: torch.Tensor
     seconds: float
-    flops_per_sample: int
+    flops_per_sample: float
+    first_classes: torch.Tensor
+    first_seeds: list[int]
 
 
 def count_flops(run) -> int:
@@ -93,13 +99,18 @@ FLOP_PAIRS = 10  # FLOPs are counted on the first pairs (one per class in the he
 
 
 def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: torch.Tensor, seeds: list[int]) -> Reference:
+    """The uncached reference of the pairs; under torchrun each rank samples its block, ``seconds`` is the slowest
+    rank's, and only rank 0 counts FLOPs (0 elsewhere)."""
+    first_classes, first_seeds = classes[:FLOP_PAIRS], seeds[:FLOP_PAIRS]
+    mine = distributed.shard(len(seeds))
+    classes, seeds = classes[mine], seeds[mine]
     start = time.perf_counter()
     images = pipe(classes, seeds)
-    seconds = time.perf_counter() - start
+    seconds = max(distributed.all_gather_objects(time.perf_counter() - start))
     with torch.no_grad():
         features = classifier.features(images)
-    flops = flops_per_sample(pipe, None, classes[:FLOP_PAIRS], seeds[:FLOP_PAIRS])
-    return Reference(classes, seeds, images, features, seconds, flops)
+    flops = flops_per_sample(pipe, None, first_classes, first_seeds) if distributed.is_main() else 0
+    return Reference(classes, seeds, images, features, seconds, flops, first_classes, first_seeds)
 
 
 def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier) -> dict[str, torch.Tensor]:
@@ -108,22 +119,29 @@ def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier) -> 
     return {k: scores[k] for k in METRICS}
 
 
-def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, method: Method,
-             timing_runs: int = 3) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor]:
-    """One JSONL row per sample, the per-sample metric tensors for paired comparisons, and the samples.
-    ``timing_runs = 0`` skips the wall-clock measurement (speed-up reported as None)."""
+def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, method: Method, timing_runs: int = 3) -> list[dict]:
+    """One JSONL row per sample of all the pairs. ``timing_runs = 0`` skips the wall-clock measurement (speed-up
+    reported as None). Under torchrun each rank scores its block, rank 0 alone measures time and FLOPs (so no other
+    rank competes for the machine meanwhile), and every rank gets all the rows, in the pairs' order."""
     images, masks = method.sample(pipe, ref.classes, ref.seeds)
     passes = masks.sum(1)
-    speedup = seconds = None
-    if timing_runs:
-        speedup, seconds = (round(v, 4) for v in measure_speedup(pipe, method, runs=timing_runs))
-    flops = flops_per_sample(pipe, method, ref.classes[:FLOP_PAIRS], ref.seeds[:FLOP_PAIRS])
     scores = score(images, ref, classifier)
     probe = method.probe_depth / len(pipe.model.blocks)
-    common = {"policy": method.policy, "mechanism": method.mechanism, "T": pipe.steps, "k": method.k,
-              "flops": round(flops), "flops_reduction": round(ref.flops_per_sample / flops, 4), "seconds_16": seconds, "speedup": speedup}
-    rows = [{**common, "class": int(c), "seed": int(s), "full_passes": int(p),
+    rows = [{"class": int(c), "seed": int(s), "full_passes": int(p),
              "pass_equivalents": round(float(p + (pipe.steps - p) * probe), 4), "mask": [int(v) for v in m],
              **{k: round(float(v[i]), 6) for k, v in scores.items()}}
             for i, (c, s, p, m) in enumerate(zip(ref.classes, ref.seeds, passes, masks, strict=True))]
-    return rows, scores, images
+    cost = _cost(pipe, ref, method, timing_runs) if distributed.is_main() else None
+    parts = distributed.all_gather_objects((rows, cost))
+    cost = parts[0][1]
+    return [{**cost, **row} for rank_rows, _ in parts for row in rank_rows]
+
+
+def _cost(pipe: DigitPipeline, ref: Reference, method: Method, timing_runs: int) -> dict:
+    """The columns every row of ``method`` shares: its label, FLOPs and measured speed-up."""
+    speedup = seconds = None
+    if timing_runs:
+        speedup, seconds = (round(v, 4) for v in measure_speedup(pipe, method, runs=timing_runs))
+    flops = flops_per_sample(pipe, method, ref.first_classes, ref.first_seeds)
+    return {"policy": method.policy, "mechanism": method.mechanism, "T": pipe.steps, "k": method.k,
+            "flops": round(flops), "flops_reduction": round(ref.flops_per_sample / flops, 4), "seconds_16": seconds, "speedup": speedup}

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from recache import distributed
 from recache.errors import RecacheError
 from recache.evaluation.protocol import calibration_pairs
 from recache.evaluation.report import write_jsonl
@@ -171,18 +172,19 @@ class BudCacheSearch:
 def rollout_objective(pipe, mechanism, classes: torch.Tensor, seeds: list[int], targets: torch.Tensor,
                       chunk: int = 8) -> Callable[[list[Steps]], list[float]]:
     """``L(S)`` = MSE of the final output to ``targets`` over the pairs, for many schedules in batched rollouts of
-    ``chunk`` schedules at a time (rows that compute a step run the blocks together)."""
-    T = pipe.steps
+    ``chunk`` schedules at a time (rows that compute a step run the blocks together). Under torchrun, ``classes``,
+    ``seeds`` and ``targets`` are this rank's block of the pairs, and the per-pair errors are summed over ranks."""
+    T, total = pipe.steps, round(distributed.all_reduce_sum(torch.tensor([float(len(seeds))])).item())
 
     def evaluate(candidates: list[Steps]) -> list[float]:
-        losses = []
+        sums = []
         for i in range(0, len(candidates), chunk):
             schedules = [Schedule.from_steps(T, c) for c in candidates[i:i + chunk]]
             images, passes = pipe.rollout(classes, seeds, schedules, mechanism)
             if not all(torch.all(p == s.k) for p, s in zip(passes, schedules, strict=True)):
                 raise RuntimeError("a rollout did not run its budget exactly")
-            losses += ((images - targets[None]) ** 2).flatten(2).mean(2).mean(1).tolist()
-        return losses
+            sums.append(((images - targets[None]) ** 2).flatten(2).mean(2).double().sum(1).cpu())
+        return (distributed.all_reduce_sum(torch.cat(sums)) / total).tolist()
 
     return evaluate
 
@@ -193,33 +195,53 @@ MEMO, HISTORY, SCHEDULE = "memo.jsonl", "history.jsonl", "schedule.json"
 def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progress: bool = True) -> tuple[Schedule, list[dict]]:
     """Search on calibration pairs (seeds ``0..pairs-1``) and write ``schedule.json``, ``history.jsonl`` (every
     evaluation in order) and ``memo.jsonl`` (each new loss as soon as it is known) into ``out``. With ``resume``, the
-    losses in ``memo.jsonl`` are reused: the seeded search replays to where it stopped without repeating rollouts."""
-    out = Path(out)
-    if (out / MEMO).exists() and not resume:
-        raise RecacheError(f"{out} already holds a search; resume it (--resume) or choose another --out")
+    losses in ``memo.jsonl`` are reused: the seeded search replays to where it stopped without repeating rollouts.
+
+    Under torchrun every rank runs the same seeded search; each rolls out its block of the pairs, the losses are
+    summed over ranks, so all ranks take the same steps. Only rank 0 writes files and shows progress."""
+    out, main = Path(out), distributed.is_main()
+    if config.pairs < distributed.world_size():
+        raise RecacheError(f"{config.pairs} calibration pairs cannot be shared by {distributed.world_size()} ranks; use --pairs >= the ranks")
+    memo = distributed.on_main(lambda: _read_memo(out, resume))
     classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
-    memo = {}
-    if resume and (out / MEMO).exists():
-        for line in (out / MEMO).read_text().splitlines():
-            try:
-                row = json.loads(line)
-                memo[tuple(row["steps"])] = row["loss"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by an interruption
+    mine = distributed.shard(config.pairs)
+    classes, seeds = classes[mine], seeds[mine]
 
     def evaluate_and_record(candidates):
         losses = objective(candidates)
-        with open(out / MEMO, "a") as f:
-            f.writelines(json.dumps({"steps": list(c), "loss": v}) + "\n" for c, v in zip(candidates, losses, strict=True))
+        if main:
+            with open(out / MEMO, "a") as f:
+                f.writelines(json.dumps({"steps": list(c), "loss": v}) + "\n" for c, v in zip(candidates, losses, strict=True))
         return losses
 
-    search = BudCacheSearch(pipe.steps, config, evaluate_and_record, memo, progress)  # checks the budget first
+    search = BudCacheSearch(pipe.steps, config, evaluate_and_record, memo, progress and main)  # checks the budget first
     objective = rollout_objective(pipe, get_mechanism(config.mechanism), classes, seeds, pipe(classes, seeds))
-    out.mkdir(parents=True, exist_ok=True)
-    search.run()
-    uniform_loss = objective([tuple(Schedule.uniform(pipe.steps, config.k).steps)])[0]  # for the report only
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        search.run()
+        uniform_loss = objective([tuple(Schedule.uniform(pipe.steps, config.k).steps)])[0]  # for the report only
+    except distributed.RankLost as e:
+        raise distributed.RankLost(f"{e}; the {len(search.memo)} losses evaluated are kept in {out / MEMO}: resume with --resume") from None
     schedule = search.schedule(model=pipe.model_id, mechanism=config.mechanism, sigmas=pipe.sigma_schedule,
-                               calibration_seeds=[seeds[0], seeds[-1]], uniform_loss=uniform_loss)
-    write_jsonl(out / HISTORY, search.history)
-    schedule.save(out / SCHEDULE)
+                               calibration_seeds=[0, config.pairs - 1], uniform_loss=uniform_loss)
+    if main:
+        write_jsonl(out / HISTORY, search.history)
+        schedule.save(out / SCHEDULE)
     return schedule, search.history
+
+
+def _read_memo(out: Path, resume: bool) -> dict[Steps, float]:
+    """The losses a previous search in ``out`` recorded (resume), or an error when ``out`` holds one and not resuming."""
+    memo = {}
+    if not (out / MEMO).exists():
+        return memo
+    if not resume:
+        raise RecacheError(f"{out} already holds a search; resume it (--resume) or choose another --out")
+    for line in (out / MEMO).read_text().splitlines():
+        try:
+            row = json.loads(line)
+            memo[tuple(row["steps"])] = row["loss"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by an interruption
+    return memo

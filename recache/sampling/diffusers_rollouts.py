@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from recache import distributed
 from recache.errors import RecacheError
 from recache.hooks.schedule_cache import RecacheHookConfig, apply_recache, is_recache_enabled, pipeline_steps, remove_recache
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
@@ -150,6 +151,7 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
     if not hasattr(pipe, "transformer"):
         raise RecacheError(f"pipeline {pipeline!r} ({type(pipe).__name__}) has no transformer to cache")
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(distributed.device())  # this rank's GPU under torchrun, the GPU or CPU otherwise
     if steps is None:
         steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps", inspect.Parameter("n", 1, default=28)).default
     call = {k: v for k, v in (("height", height), ("width", width), ("guidance_scale", guidance)) if v is not None}
