@@ -46,10 +46,16 @@ def _stopped_by_launcher(signum, frame):
     raise RankLost(f"rank {rank()} was stopped by the launcher (SIGTERM): another rank failed or the run was cancelled")
 
 
+def barrier() -> None:
+    """Wait until every rank is here."""
+    if is_distributed():
+        _collective("barrier", dist.barrier)
+
+
 def close() -> None:
     """Leave the process group once every rank is done (rank 0 may still be writing when the others finish)."""
     if dist.is_initialized():
-        _collective("barrier", dist.barrier)
+        barrier()
         dist.destroy_process_group()
 
 

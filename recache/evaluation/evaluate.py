@@ -131,6 +131,8 @@ def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, m
              "pass_equivalents": round(float(p + (pipe.steps - p) * probe), 4), "mask": [int(v) for v in m],
              **{k: round(float(v[i]), 6) for k, v in scores.items()}}
             for i, (c, s, p, m) in enumerate(zip(ref.classes, ref.seeds, passes, masks, strict=True))]
+    if timing_runs:
+        distributed.barrier()  # every rank is done with its block: none competes with rank 0's timing
     cost = _cost(pipe, ref, method, timing_runs) if distributed.is_main() else None
     parts = distributed.all_gather_objects((rows, cost))
     cost = parts[0][1]
