@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+MAX_JSON_BYTES = 64 * 2**20  # JSON artefacts (schedules, configs, calibrations) are kilobytes; refuse what cannot be one
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -46,7 +48,12 @@ def read_json(path: str | os.PathLike, what: str):
     from recache.errors import RecacheError
 
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise RecacheError(f"{what} {path} is {size / 2**20:.0f} MiB; an artefact file has at most {MAX_JSON_BYTES // 2**20} MiB")
         return json.loads(Path(path).read_text())
+    except RecursionError:
+        raise RecacheError(f"{what} {path} cannot be read as JSON (nested too deeply)") from None
     except FileNotFoundError:
         raise RecacheError(f"{what} {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

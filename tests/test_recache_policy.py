@@ -128,7 +128,7 @@ def test_corrupt_or_missing_artefacts_fail_clearly(tmp_path):
     with pytest.raises(RecacheError, match="not a valid ReCache policy config.*empty"):
         ReCachePolicy.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(RecacheError, match="not a valid ReCache policy config"):
+    with pytest.raises(RecacheError, match="policy config .*config.json cannot be read as JSON"):
         ReCachePolicy.from_pretrained(tmp_path)
 
 

@@ -18,9 +18,9 @@ def test_shift_moves_sigmas_up():
     assert (get_sigmas_shifted(10, 3.0)[1:-1] > get_sigmas_linear(10)[1:-1]).all()
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, 10_001])
 def test_bad_step_counts(bad):
-    with pytest.raises(ValueError, match="whole number >= 1"):
+    with pytest.raises(ValueError, match="whole number from 1 to 10000"):
         get_sigmas_linear(bad)
 
 

@@ -11,7 +11,6 @@ the uniform distribution) are our choices; the paper does not publish them.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +21,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import write_json, write_safetensors
+from recache.io import read_json, write_json, write_safetensors
 from recache.schedule import Schedule, check_budget
 
 FREQUENCIES = 4
+MAX_HIDDEN = 4096  # a policy is a small MLP; wider is a damaged config, not a policy
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped policies, by name: <model>-<mechanism>
 
 
@@ -61,6 +61,18 @@ class ReCacheConfig:
         check_budget(self.k_max, self.T)
         if self.k_min > self.k_max:
             raise RecacheError(f"budget range {self.k_min}-{self.k_max} is empty")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or not 1 <= self.hidden <= MAX_HIDDEN:
+            raise RecacheError(f"hidden width must be a whole number from 1 to {MAX_HIDDEN}, got {self.hidden!r}")
+        for name in ("model", "sigmas", "mechanism"):
+            if not isinstance(getattr(self, name), str):
+                raise RecacheError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.step_mapping != "nearest":
+            raise RecacheError(f"step_mapping {self.step_mapping!r} is unknown; the one there is: 'nearest'")
+        if not isinstance(self.training, dict):
+            raise RecacheError(f"training must be an object of settings, got {self.training!r}")
+        if not isinstance(self.fallback, list) or any(isinstance(k, bool) or not isinstance(k, int) or not self.k_min <= k <= self.k_max
+                                                      for k in self.fallback):
+            raise RecacheError(f"fallback must list budgets within {self.k_min}-{self.k_max}, got {self.fallback!r}")
 
 
 class ReCachePolicy(nn.Module):
@@ -198,22 +210,27 @@ class ReCachePolicy(nn.Module):
         """Load a policy (a folder or a shipped name); ``T``, ``model`` and ``mechanism``, when given, must match what
         it was trained for."""
         folder = resolve_policy(folder)
+        if not (folder / "config.json").is_file():
+            raise RecacheError(f"{folder} is not a policy folder (config.json is missing) nor a shipped policy: "
+                               f"{', '.join(shipped_policies()) or 'none shipped'}")
+        raw = read_json(folder / "config.json", "policy config")
         try:
-            raw = json.loads((folder / "config.json").read_text())
-            if raw.pop("policy", None) != "recache":
+            if not isinstance(raw, dict) or raw.pop("policy", None) != "recache":
                 raise ValueError("not a ReCache policy config")
             config = ReCacheConfig(**raw)
-        except FileNotFoundError:
-            raise RecacheError(f"{folder} is not a policy folder (config.json is missing) nor a shipped policy: "
-                               f"{', '.join(shipped_policies()) or 'none shipped'}") from None
         except (ValueError, TypeError) as e:
             raise RecacheError(f"{folder}/config.json is not a valid ReCache policy config ({e})") from None
         for what, want, have in (("T", T, config.T), ("model", model, config.model), ("mechanism", mechanism, config.mechanism)):
             if want is not None and want != have:
                 raise RecacheError(f"policy {folder} was trained for {what} = {have}, not {want}")
         policy = cls(config)
+        weights = folder / "model.safetensors"
         try:
-            policy.load_state_dict(load_file(folder / "model.safetensors"))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise RecacheError(f"policy weights {folder}/model.safetensors cannot be loaded ({str(e).splitlines()[0]})") from None
+            state = load_file(weights)
+            policy.load_state_dict(state)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise RecacheError(f"policy weights {weights} cannot be loaded ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        for name, tensor in state.items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise RecacheError(f"policy weights {weights} hold {'non-finite values' if tensor.is_floating_point() else tensor.dtype} in {name}")
         return policy.eval()

@@ -37,5 +37,7 @@ def get_sigmas(name: str, steps: int) -> torch.Tensor:
 
 
 def _check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise RecacheError(f"the number of steps must be a whole number >= 1, got {steps!r}")
+    from recache.schedule.schedule import MAX_STEPS
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise RecacheError(f"the number of steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")

@@ -14,13 +14,14 @@ from recache.errors import RecacheError
 from recache.io import read_json, write_json
 
 FORMAT = "recache.schedule/v1"
+MAX_STEPS = 10_000  # the most sampler steps a schedule, policy or run may have (samplers use 1 to about 1,000)
 _RESERVED_KEYS = ("format", "T", "k", "mask")  # everything else in a schedule file is metadata, kept as it is
 
 
 def check_budget(k: int, T: int) -> None:
     """A budget is a whole number of full passes in 1..T."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise RecacheError(f"the number of steps T must be a whole number >= 1, got {T!r}")
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_STEPS:
+        raise RecacheError(f"the number of steps T must be a whole number from 1 to {MAX_STEPS}, got {T!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
         raise RecacheError(f"budget k={k!r} is not allowed: use a whole number of full passes from 1 to T={T}")
 
@@ -100,7 +101,9 @@ class Schedule:
         if not isinstance(data, dict) or not isinstance(data.get("mask"), list):
             raise RecacheError("a schedule needs a 'mask' list of 0/1")
         mask = data["mask"]
-        if any(m not in (0, 1) or isinstance(m, float) for m in mask):
+        if len(mask) > MAX_STEPS:
+            raise RecacheError(f"a schedule has at most {MAX_STEPS} steps, this mask has {len(mask)}")
+        if any(isinstance(m, float) or m not in (0, 1) for m in mask):
             raise RecacheError("schedule mask values must be 0 or 1")
         schedule = cls(tuple(bool(m) for m in mask), {k: v for k, v in data.items() if k not in _RESERVED_KEYS})
         for key, value in (("T", schedule.T), ("k", schedule.k)):

@@ -39,6 +39,19 @@ class Calibration:
     sigmas: str  # the sigma schedule's name
     settings: dict  # the heuristic's options before fitting, defaults filled in (see ``heuristic_settings``)
 
+    def __post_init__(self):
+        if self.heuristic not in HEURISTICS:
+            raise RecacheError(f"unknown heuristic {self.heuristic!r}; one of {', '.join(HEURISTICS)}")
+        check_budget(self.target_k, self.T)
+        for name in ("mean_k", "guidance"):  # the threshold is checked by the heuristic (build)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise RecacheError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 1:
+            raise RecacheError(f"pairs must be a whole number >= 1, got {self.pairs!r}")
+        if not (isinstance(self.model, str) and isinstance(self.sigmas, str) and isinstance(self.options, dict) and isinstance(self.settings, dict)):
+            raise RecacheError("model and sigmas must be strings, options and settings objects")
+
     def matches(self, name: str, target_k: int, pipe, pairs: int, options: dict | None = None) -> bool:
         """Whether this calibration was made for this heuristic and settings, budget, pipeline and pairs."""
         mine = (self.heuristic, self.target_k, self.model, self.T, self.guidance, self.sigmas, self.pairs, self.settings)
