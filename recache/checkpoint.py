@@ -36,6 +36,16 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise RecacheError(f"checkpoint {path} cannot be read ({e}); delete it to start afresh") from None
+    try:
+        _restore(tensors, meta, modules, optimizer, generators)
+        return int(meta["step"]), dict(meta["extra"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise RecacheError(f"checkpoint {path} does not fit this run ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); "
+                           "delete it to start afresh") from None
+
+
+def _restore(tensors: dict, meta: dict, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+             generators: dict[str, torch.Generator]) -> None:
     for name, m in modules.items():
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
     state: dict[int, dict] = {}
@@ -50,4 +60,3 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     for name, g in generators.items():
         g.set_state(tensors[f"rng.{name}"])
-    return int(meta["step"]), meta["extra"]

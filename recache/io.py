@@ -62,6 +62,21 @@ def read_json(path: str | os.PathLike, what: str):
         raise RecacheError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
+def check_fields(data: dict, cls, what: str) -> None:
+    """The keys of ``data`` are the fields of dataclass ``cls``, or a ``RecacheError`` that lists the unknown and
+    missing ones (names shown with repr, so a damaged key cannot break the message's single line)."""
+    from dataclasses import MISSING, fields
+
+    from recache.errors import RecacheError
+
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    unknown, missing = sorted(map(repr, set(data) - known)), sorted(required - set(data))
+    if unknown or missing:
+        parts = [f"unknown {', '.join(unknown)[:200]}" if unknown else "", f"missing {', '.join(missing)}" if missing else ""]
+        raise RecacheError(f"{what} has missing or unknown fields: {'; '.join(p for p in parts if p)}")
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)

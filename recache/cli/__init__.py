@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             where = f" [rank {distributed.rank()}]" if distributed.is_distributed() else ""
             print(f"recache {args.command}{where}: error: {e}", file=sys.stderr)
         return _leave(2)
-    except KeyboardInterrupt:
-        print(f"recache {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"recache {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return _leave(130)
 
 

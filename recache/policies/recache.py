@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import read_json, write_json, write_safetensors
+from recache.io import check_fields, read_json, write_json, write_safetensors
 from recache.schedule import Schedule, check_budget
 
 FREQUENCIES = 4
@@ -217,6 +217,7 @@ class ReCachePolicy(nn.Module):
         try:
             if not isinstance(raw, dict) or raw.pop("policy", None) != "recache":
                 raise ValueError("not a ReCache policy config")
+            check_fields(raw, ReCacheConfig, "the file")
             config = ReCacheConfig(**raw)
         except (ValueError, TypeError) as e:
             raise RecacheError(f"{folder}/config.json is not a valid ReCache policy config ({e})") from None

@@ -24,7 +24,7 @@ from tqdm.auto import trange
 
 from recache import __version__, distributed
 from recache.checkpoint import load_checkpoint, save_checkpoint
-from recache.errors import RecacheError
+from recache.errors import NonFiniteError, RecacheError
 from recache.evaluation.protocol import calibration_pairs
 from recache.evaluation.report import write_jsonl
 from recache.io import write_json
@@ -114,6 +114,16 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
     G, P = config.group, config.pairs * ranks  # P: the update's pairs over all ranks
     mine = distributed.shard(P)  # this rank's pairs: block r of P
     rows = slice(mine.start * G, mine.stop * G)
+    saved = start
+
+    def checkpoint(updates: int) -> None:
+        nonlocal saved
+        if distributed.is_main():
+            write_jsonl(out / LOG, log)
+            extra = {"config": asdict(config), "ranks": ranks}
+            save_checkpoint(out / CHECKPOINT, {"policy": policy}, optimizer, {"train": generator}, updates, extra)
+        saved = updates
+
     try:
         for update in trange(start, config.updates, initial=start, total=config.updates, desc=f"train {config.mechanism}", disable=not progress):
             began = time.perf_counter()
@@ -126,6 +136,10 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
             if not torch.equal(passes.cpu(), k.repeat_interleave(G)):
                 raise RuntimeError(f"realised full passes {passes.tolist()} differ from the budgets {k.tolist()}")
             parts = {name: v.cpu() for name, v in reward(images, targets[idx], target_features[idx], classes[idx]).items()}
+            if not torch.isfinite(parts["reward"]).all():
+                row = int((~torch.isfinite(parts["reward"])).nonzero()[0])
+                raise NonFiniteError(f"non-finite reward {parts['reward'][row].item()} at update {update} for condition "
+                                     f"{int(classes[idx[row]])}, seed {seeds[idx[row]]}")
             R, D = parts["reward"].view(-1, G), parts["fidelity"].view(-1, G)
             advantage = (R - (R.sum(1, keepdim=True) - R) / (G - 1)) / D.mean(1, keepdim=True).clamp_min(1e-8)
             beta = config.entropy * (1 - update / config.updates)
@@ -141,16 +155,17 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
             log.append({"update": update, "k": k_all.tolist(), "reward": sums[0].item() / (P * G), "fidelity": sums[1].item() / (P * G),
                         "quality": sums[2].item() / (P * G), "entropy": sums[3].item() / P, "beta": beta, "loss": sums[4].item(),
                         "seconds": round(time.perf_counter() - began, 4)})
-            if distributed.is_main():
-                write_jsonl(out / LOG, log)
-                save_checkpoint(out / CHECKPOINT, {"policy": policy}, optimizer, {"train": generator}, update + 1,
-                                {"config": asdict(config), "ranks": ranks})
+            checkpoint(update + 1)
         policy.eval()
         fallback = calibration_guard(policy, pipe, mechanism, reward, classes[:GUARD_PAIRS], seeds[:GUARD_PAIRS], targets,
                                      target_features, out, progress)
     except distributed.RankLost as e:
-        raise distributed.RankLost(f"{e}; the last checkpoint ({out / CHECKPOINT}, {len(log)} updates) is intact: "
+        raise distributed.RankLost(f"{e}; the last checkpoint ({out / CHECKPOINT}, {saved} updates) is intact: "
                                    "resume with --resume") from None
+    except KeyboardInterrupt:
+        if len(log) > saved:  # Ctrl-C after an update was done but before its checkpoint was whole: write it now
+            checkpoint(len(log))
+        raise KeyboardInterrupt(f"the checkpoint {out / CHECKPOINT} holds {saved} updates: resume with --resume") from None
     policy.config = replace(policy.config, fallback=fallback)
     if distributed.is_main():
         policy.save_pretrained(out / POLICY)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from recache import distributed
-from recache.errors import RecacheError
+from recache.errors import NonFiniteError, RecacheError
 from recache.hooks.schedule_cache import RecacheHookConfig, apply_recache, is_recache_enabled, pipeline_steps, remove_recache
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
 from recache.mechanisms import Mechanism
@@ -65,12 +65,33 @@ class DiffusersRollouts:
         return len(self.prompts)
 
     def _run(self, conds: list[int], seeds: list[int]) -> torch.Tensor:
-        if self.generate is not None:
-            return self.generate(conds, seeds, self.steps)
-        batch = {key: [self.prompts[c][key] for c in conds] for key in self.prompts[0]}
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        out = self.pipe(**batch, **self.call_kwargs, generator=generators, num_inference_steps=self.steps, output_type=self.output_type)
-        return out[0]
+        """The pipeline's outputs; ``NonFiniteError`` names the first step whose transformer output had NaN or inf
+        (read from the scheduler's ``step_index``), or the rows whose final output has."""
+        first_bad: list[int] = []
+
+        def watch(module, args, output):
+            out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+            if not first_bad and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                first_bad.append(getattr(self.pipe.scheduler, "step_index", None) or 0)
+
+        handle = self.pipe.transformer.register_forward_hook(watch)
+        try:
+            if self.generate is not None:
+                out = self.generate(conds, seeds, self.steps)
+            else:
+                batch = {key: [self.prompts[c][key] for c in conds] for key in self.prompts[0]}
+                generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+                out = self.pipe(**batch, **self.call_kwargs, generator=generators, num_inference_steps=self.steps, output_type=self.output_type)[0]
+        finally:
+            handle.remove()
+        bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().squeeze(1).tolist()
+        if first_bad or bad:
+            where = f"the transformer's output at sampler step {first_bad[0]} of {self.steps}" if first_bad else "the final outputs"
+            rows = bad or list(range(len(conds)))
+            prompt = self.prompts[conds[rows[0]]].get("prompt", conds[rows[0]])
+            raise NonFiniteError(f"non-finite values (NaN or inf) in {where}, for prompt {prompt!r} with seed {seeds[rows[0]]}"
+                                 + (f" and {len(rows) - 1} more" if len(rows) > 1 else ""))
+        return out
 
     def check_pairs(self, conds, seeds) -> list[int]:
         return check_pairs(conds, seeds, self.num_conditions, "prompt index").tolist()

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import trange
 
+from recache.sampling.finite import FiniteWatch
+
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -47,14 +49,17 @@ def sample_euler(
     ``callback`` receives ``{'x', 'i', 'sigma', 'sigma_next', 'velocity', 'denoised'}`` after each step's model
     call, where ``x`` is the state before the update and ``denoised = x - sigma * velocity`` the x0 estimate.
     Gradients flow when enabled by the caller (schedule alignment learns ``sigmas`` through it); callers that
-    only sample wrap it in ``torch.no_grad()``.
+    only sample wrap it in ``torch.no_grad()``. A row that goes non-finite raises ``NonFiniteError`` with the step.
     """
     x, levels = noise, sigmas.unbind(0)
     steps = sigmas[1:] - sigmas[:-1]
     dts = None if steps.requires_grad and torch.is_grad_enabled() else steps.tolist()
+    watch = FiniteWatch(len(x), len(sigmas) - 1, x.device)
     for i in trange(len(sigmas) - 1, disable=disable, desc="sampling"):
         v = model(x, levels[i], cond)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": levels[i], "sigma_next": levels[i + 1], "velocity": v, "denoised": x - levels[i] * v})
         x = x + steps[i] * v if dts is None else torch.add(x, v, alpha=dts[i])
+        watch.update(x, i)
+    watch.check()
     return x

@@ -14,6 +14,7 @@ import torch
 
 from recache.mechanisms.base import CacheableModel, Mechanism, run_blocks
 from recache.sampling.cached import step_conditions
+from recache.sampling.finite import FiniteWatch
 
 
 def row_plan(masks: torch.Tensor) -> list[tuple[str, list[int], list[int]]]:
@@ -62,6 +63,7 @@ def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Te
     dts = (sigmas[1:] - sigmas[:-1]).view(-1, *[1] * (noise.dim() - 1))
     mechanism.reset(S * branches, T)
     x, passes = noise.clone(), torch.zeros(S, dtype=torch.long)
+    watch = FiniteWatch(S, T, x.device)
     for kind, idx, rows, row_ids, step, dt in [_indices(entry, S, branches, dts) for entry in row_plan(masks.bool())]:
         x_in = x[idx]
         if kind == "cached" and mechanism.reuses_output:
@@ -81,4 +83,6 @@ def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Te
             v_cond, v_uncond = v.chunk(2)
             v = torch.lerp(v_uncond, v_cond, float(guidance))
         x[idx] = torch.addcmul(x_in, dt, v)
+        watch.update(x[idx], step[: len(x_in)], idx)
+    watch.check()
     return x, passes

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recache.errors import RecacheError
-from recache.io import read_json, write_json
+from recache.io import check_fields, read_json, write_json
 from recache.policies.heuristics import HEURISTICS, Heuristic, StaticHeuristic, get_heuristic
 from recache.schedule import check_budget
 
@@ -75,6 +75,7 @@ class Calibration:
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise RecacheError(f"calibration file {path} is not a {FORMAT} file")
         try:
+            check_fields(data, cls, "the file")
             calibration = cls(**data)
             calibration.build()
         except TypeError as e:
