@@ -276,3 +276,20 @@ def test_a_run_stopped_mid_training_resumes_to_the_same_policy(uninterrupted, tm
     for name, value in load_file(uninterrupted / "policy/model.safetensors").items():
         assert torch.equal(value, load_file(out / "policy/model.safetensors")[name]), name
     assert reinforce.read_log(out / reinforce.LOG)[-1]["reward"] == reinforce.read_log(uninterrupted / reinforce.LOG)[-1]["reward"]
+
+
+# --- same seed, same results --------------------------------------------------------------------------------------
+
+
+def test_search_and_evaluation_repeat_exactly(pipe, tmp_path):
+    from recache.evaluation.compare import run_comparison
+    from recache.evaluation.evaluate import Method
+    from recache.policies.budcache import SearchConfig, search_schedule
+
+    config = SearchConfig(k=3, pairs=2, sa_iters=12, hc_iters=2, seed=4)
+    first, second = (search_schedule(config, pipe, tmp_path / run, progress=False) for run in ("a", "b"))
+    assert first[0].mask == second[0].mask and first[1] == second[1]  # every loss, bit for bit
+    methods = [Method("uniform", "taylorseer", 3, Schedule.uniform(8, 3)), Method("searched", "reuse", 3, first[0])]
+    classes, seeds = torch.arange(4), [900_000 + i for i in range(4)]
+    rows = [run_comparison(pipe, methods, tmp_path / f"eval{i}", classes, seeds, timing_runs=0, progress=False)["rows"] for i in range(2)]
+    assert rows[0] == rows[1]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
-from recache.cli.options import add_model_options, add_schedule_options, digit_classes, positive_int, resolve_schedule
+from recache.cli.options import add_model_options, add_schedule_options, check_writable_file, digit_classes, positive_int, resolve_schedule
 from recache.sampling.pipeline import DigitPipeline
 from recache.viz import save_image_grid
 
@@ -23,6 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_file(Path(args.out))  # before any sampling: a bad --out must not cost the work
     pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     schedule, mechanism = resolve_schedule(args, pipe)
     classes = torch.tensor(args.classes).repeat_interleave(args.per_class)

@@ -164,11 +164,17 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
     if prompts is None:
         raise RecacheError(f"pipeline {pipeline} needs a prompts file (--prompts FILE: .txt, .jsonl or .csv)")
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warnings while it fails are noise beside our one line
     try:
         pipe = DiffusionPipeline.from_pretrained(pipeline)
     except Exception as e:  # a missing folder, an id not in the offline cache, a broken model_index.json
-        raise RecacheError(f"pipeline {pipeline!r} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        reason = (str(e).splitlines() or [""])[0].split(" (")[0]
+        raise RecacheError(f"pipeline {pipeline!r} cannot be loaded ({type(e).__name__}: {reason})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if not hasattr(pipe, "transformer"):
         raise RecacheError(f"pipeline {pipeline!r} ({type(pipe).__name__}) has no transformer to cache")
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,107 @@
+"""Every row of the bad-input table in docs/reliability.md, run as written: exit status 2, the row's message on one
+line of stderr, no traceback, no file left behind."""
+
+import json
+import pickle
+import re
+import shlex
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from recache.checkpoint import save_checkpoint
+from recache.cli import main
+from recache.models.pretrained import WEIGHTS_DIR
+from recache.policies.recache import PRETRAINED_DIR, ReCacheConfig, ReCachePolicy
+from recache.policies.reinforce import TrainConfig
+from recache.schedule import Schedule
+
+DOC = Path(__file__).parent.parent / "docs" / "reliability.md"
+ROW = re.compile(r"^\| (?P<input>[^|]+) \| (?P<bad>[^|]+) \| `(?P<command>recache [^`]+)` \| `(?P<message>[^`]+)` \|$")
+
+
+def table_rows() -> list[tuple[str, str]]:
+    rows = [(m["command"], m["message"]) for line in DOC.read_text().splitlines() if (m := ROW.match(line))]
+    assert len(rows) >= 40, "the bad-input table of docs/reliability.md was not found"
+    return rows
+
+
+def _policy_copy(folder: Path, edit_config=None, edit_tensors=None) -> None:
+    shutil.copytree(PRETRAINED_DIR / "mnist-dit-taylorseer", folder)
+    if edit_config:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        save_file(edit_tensors(load_file(folder / "model.safetensors")), folder / "model.safetensors")
+
+
+def _nan_first(tensors: dict) -> dict:
+    name = sorted(tensors)[0]
+    return {**tensors, name: torch.full_like(tensors[name], float("nan"))}
+
+
+def make_bad_files(root: Path) -> None:
+    """The damaged files and folders the table's commands name (BAD_FILES)."""
+    mask = [1] + [0] * 49
+    (root / "a-folder").mkdir()
+    (root / "truncated.json").write_text('{"format": "recache.schedule/v1", "T": 50, "mask": [1, 0')
+    (root / "nan-mask.json").write_text(json.dumps({"mask": [1, float("nan")] + [0] * 48}))
+    Schedule.from_steps(20, [0, 5, 10]).save(root / "t20.json")
+    (root / "no-step-0.json").write_text(json.dumps({"mask": [0, 1] + [0] * 48}))
+    (root / "huge-T.json").write_text(json.dumps({"T": 10 ** 9, "mask": mask}))
+    (root / "deep.json").write_text("[" * 1_000_000 + "]" * 1_000_000)
+    (root / "broken-model").mkdir()
+    (root / "broken-model" / "config.json").write_text("{not json")
+    shutil.copytree(WEIGHTS_DIR / "mnist-dit", root / "nan-model")
+    save_file(_nan_first(load_file(root / "nan-model" / "model.safetensors")), root / "nan-model" / "model.safetensors")
+    _policy_copy(root / "nan-policy", edit_tensors=_nan_first)
+    _policy_copy(root / "int-policy", edit_tensors=lambda t: {k: v.to(torch.int32) for k, v in t.items()})
+    _policy_copy(root / "cut-policy")
+    data = (root / "cut-policy" / "model.safetensors").read_bytes()
+    (root / "cut-policy" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _policy_copy(root / "wide-policy", edit_config=lambda c: c.update(hidden=10 ** 9))
+    _policy_copy(root / "extra-key-policy", edit_config=lambda c: c.update(surprise=1))
+    _policy_copy(root / "pickle-policy")
+    (root / "pickle-policy" / "model.safetensors").write_bytes(pickle.dumps({"mlp.0.weight": [1.0, 2.0]}))
+    policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4))
+    save_checkpoint(root / "old-run" / "checkpoint.safetensors", {"policy": policy}, torch.optim.Adam(policy.parameters()),
+                    {"train": torch.Generator()}, 1, {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
+    (root / "corrupt-run").mkdir()
+    (root / "corrupt-run" / "checkpoint.safetensors").write_bytes(b"\x07not a checkpoint")
+    (root / "old-search").mkdir()
+    (root / "old-search" / "memo.jsonl").write_text('{"steps": [0, 4, 7], "loss": 0.1}\n')
+    (root / "prompts.txt").write_text("3\n")
+    (root / "empty.txt").write_text("")
+    (root / "words.txt").write_text("a cat\n")
+    (root / "bad.jsonl").write_text('{"prompt": "1"}\n{not json\n')
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    make_bad_files(root)
+    return root
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("command, message", table_rows())
+def test_bad_input_gets_its_one_line_message(bad_files, monkeypatch, capsys, command, message):
+    monkeypatch.chdir(bad_files)
+    before = _tree(bad_files)
+    try:
+        status = main(shlex.split(command)[1:])
+    except SystemExit as e:  # argparse rejects a flag's value before any command runs
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    assert _tree(bad_files) == before  # nothing written, nothing half-written
