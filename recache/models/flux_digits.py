@@ -154,7 +154,7 @@ def load_flux_digits(name_or_folder: str | os.PathLike = MODEL_ID) -> tuple[obje
     try:
         embeddings = ClassEmbeddings(**meta["class_embeddings"])
         embeddings.load_state_dict(load_file(str(folder / "class_embeddings.safetensors")))
-        transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False, use_safetensors=True)
     except (KeyError, TypeError, RuntimeError, SafetensorError, OSError, ValueError) as e:
         raise RecacheError(f"Flux digits model in {folder} cannot be loaded ({str(e).splitlines()[0]})") from None
     return transformer.eval(), embeddings.eval(), meta

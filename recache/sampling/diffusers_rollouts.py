@@ -169,7 +169,7 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its warnings while it fails are noise beside our one line
     try:
-        pipe = DiffusionPipeline.from_pretrained(pipeline)
+        pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)  # never pickled .bin weights
     except Exception as e:  # a missing folder, an id not in the offline cache, a broken model_index.json
         reason = (str(e).splitlines() or [""])[0].split(" (")[0]
         raise RecacheError(f"pipeline {pipeline!r} cannot be loaded ({type(e).__name__}: {reason})") from None
