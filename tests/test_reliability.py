@@ -160,9 +160,16 @@ def policy_folder(tmp_path_factory):
 POLICY_CONFIG = {"policy": "recache", **ReCacheConfig(T=10, k_min=2, k_max=6, hidden=8).__dict__}
 
 
-def _usable(policy: ReCachePolicy) -> None:
+def _loads_whole_or_fails_clearly(folder) -> None:
+    """A policy folder gives a policy with finite weights and a schedule of exactly k for every budget, or one line."""
+    try:
+        policy = ReCachePolicy.from_pretrained(folder)
+    except RecacheError as e:
+        assert str(e) and "\n" not in str(e)
+        return
     for k in range(policy.config.k_min, policy.config.k_max + 1):
         assert policy.schedule(k).k == k
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
 @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -171,12 +178,7 @@ def test_a_damaged_policy_config_loads_whole_or_fails_clearly(policy_folder, tmp
     folder = tmp_path / "p"
     shutil.copytree(policy_folder, folder, dirs_exist_ok=True)
     (folder / "config.json").write_text(text, encoding="latin-1")
-    try:
-        policy = ReCachePolicy.from_pretrained(folder)
-    except RecacheError as e:
-        assert str(e) and "\n" not in str(e)
-        return
-    _usable(policy)
+    _loads_whole_or_fails_clearly(folder)
 
 
 def _weights_damage():
@@ -220,13 +222,7 @@ def test_damaged_policy_weights_load_whole_or_fail_clearly(policy_folder, tmp_pa
         at, xor = how
         data[at % len(data)] ^= xor
         weights.write_bytes(bytes(data))
-    try:
-        policy = ReCachePolicy.from_pretrained(folder)
-    except RecacheError as e:
-        assert str(e) and "\n" not in str(e)
-        return
-    _usable(policy)
-    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    _loads_whole_or_fails_clearly(folder)
 
 
 # --- interrupted runs ---------------------------------------------------------------------------------------------
