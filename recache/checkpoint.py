@@ -36,6 +36,9 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise RecacheError(f"checkpoint {path} cannot be read ({e}); delete it to start afresh") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RecacheError(f"checkpoint {path} holds non-finite values in {name}; delete it to start afresh")
     try:
         _restore(tensors, meta, modules, optimizer, generators)
         return int(meta["step"]), dict(meta["extra"])

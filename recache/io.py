@@ -62,15 +62,15 @@ def read_json(path: str | os.PathLike, what: str):
         raise RecacheError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
-def check_fields(data: dict, cls, what: str) -> None:
-    """The keys of ``data`` are the fields of dataclass ``cls``, or a ``RecacheError`` that lists the unknown and
-    missing ones (names shown with repr, so a damaged key cannot break the message's single line)."""
-    from dataclasses import MISSING, fields
+def check_fields(data: dict, cls, what: str, optional: tuple[str, ...] = ()) -> None:
+    """The keys of ``data`` are the fields of dataclass ``cls`` (all of them but ``optional``), or a ``RecacheError``
+    that lists the unknown and missing ones (names shown with repr, so a damaged key cannot break the line)."""
+    from dataclasses import fields
 
     from recache.errors import RecacheError
 
     known = {f.name for f in fields(cls)}
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    required = known - set(optional)
     unknown, missing = sorted(map(repr, set(data) - known)), sorted(required - set(data))
     if unknown or missing:
         parts = [f"unknown {', '.join(unknown)[:200]}" if unknown else "", f"missing {', '.join(missing)}" if missing else ""]

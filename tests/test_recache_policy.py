@@ -125,6 +125,10 @@ def test_corrupt_or_missing_artefacts_fail_clearly(tmp_path):
     with pytest.raises(RecacheError, match="cannot be loaded"):
         ReCachePolicy.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"policy": "recache", "T": 12, "k_min": 9, "k_max": 3}')
+    with pytest.raises(RecacheError, match="not a valid ReCache policy config.*missing fallback, hidden, mechanism"):
+        ReCachePolicy.from_pretrained(tmp_path)
+    config = {"policy": "recache", **ReCacheConfig(T=12, k_min=2, k_max=5).__dict__, "k_min": 9, "k_max": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(RecacheError, match="not a valid ReCache policy config.*empty"):
         ReCachePolicy.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")

@@ -100,7 +100,8 @@ def test_resume_with_other_settings_is_refused(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, pattern", [({"group": 1}, "group must be >= 2"), ({"updates": 0}, "updates must be >= 1"),
-                                             ({"lr": 0.0}, "lr must be > 0")])
+                                             ({"lr": 0.0}, r"lr must be in \(0, 1\]"), ({"lr": 1e308}, r"lr must be in \(0, 1\]"),
+                                             ({"group": 10**6}, "must each be at most 100000")])
 def test_bad_training_settings(kwargs, pattern):
     with pytest.raises(RecacheError, match=pattern):
         TrainConfig(**kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recache.cli.options import add_model_options, positive_float, positive_int
+from recache.cli.options import add_model_options, check_writable_file, positive_float, positive_int
 from recache.evaluation.plots import plot_alignment
 from recache.evaluation.report import write_jsonl
 from recache.mechanisms import MECHANISMS
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     mechanism = args.mechanism or schedule.metadata.get("mechanism", "taylorseer")
     config = AlignConfig(updates=args.updates, pairs=args.pairs, lr=args.lr)
     out = Path(args.out or Path(args.schedule).with_name(Path(args.schedule).stem + "-aligned.json"))
+    check_writable_file(out)  # before the alignment, not after it
     aligned, log = align_sigmas(schedule, pipe, mechanism, config)
     aligned = aligned.with_metadata(mechanism=mechanism)
     write_jsonl(out.with_suffix(".log.jsonl"), log)

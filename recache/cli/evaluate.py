@@ -11,6 +11,7 @@ from recache.cli.options import (
     add_model_options,
     add_nproc_option,
     add_policy_options,
+    batch_int,
     check_writable,
     heuristic_list,
     int_list,
@@ -48,7 +49,7 @@ def add_parser(sub) -> None:
                         "(calibrations in OUT/calibrations are reused whenever they match)")
     p.add_argument("--pairs", choices=("heldout", "calibration"), default="heldout",
                    help="held-out seeds (default), or the calibration seeds policies are trained on, to see overfitting")
-    p.add_argument("--per-class", type=positive_int, default=10, help="held-out pairs per class (default: 10)")
+    p.add_argument("--per-class", type=batch_int, default=10, help="held-out pairs per class (default: 10)")
     p.add_argument("--timing-runs", type=nonnegative_int, default=3, help="same-run timings per row for the speed-up; 0 skips (default: 3)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     add_nproc_option(p)

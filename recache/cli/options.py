@@ -7,14 +7,16 @@ import math
 from pathlib import Path
 
 
-def _whole_number(minimum: int):
+def _whole_number(minimum: int, maximum: int | None = None):
+    allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not a whole number >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {allowed}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"{value} is not a whole number {allowed}")
         return value
 
     return parse
@@ -22,6 +24,8 @@ def _whole_number(minimum: int):
 
 positive_int = _whole_number(1)
 nonnegative_int = _whole_number(0)
+seed_int = _whole_number(0, 2**32 - 1)  # a torch.Generator seed; every sample adds its index to it
+batch_int = _whole_number(1, 10_000)  # samples or pairs held in memory at once
 
 
 def nonnegative_float(text: str) -> float:
@@ -31,6 +35,13 @@ def nonnegative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+def guidance_float(text: str) -> float:
+    value = nonnegative_float(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a CFG scale from 0 to 100")
     return value
 
 
@@ -90,9 +101,9 @@ def heuristic_list(text: str) -> list[str]:
 def add_model_options(parser: argparse.ArgumentParser, seed_help: str = "seed of the initial noise (default: 0)") -> None:
     parser.add_argument("--model", default="mnist-dit", help="embedded model name or a saved model folder (default: mnist-dit)")
     parser.add_argument("--steps", type=positive_int, default=None, help="number of sampler steps T (default: the model's own, 50 for mnist-dit)")
-    parser.add_argument("--guidance", type=nonnegative_float, default=None, help="CFG scale (default: the model's own)")
+    parser.add_argument("--guidance", type=guidance_float, default=None, help="CFG scale, 0 to 100 (default: the model's own)")
     parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=seed_int, default=0, help=seed_help)
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -179,16 +190,23 @@ def resolve_schedule(args: argparse.Namespace, pipe):
 
 
 def check_writable(folder: Path, what: str | None = None) -> None:
-    """Fail early, with a clear message, when results could not be written to ``folder`` (``what`` names it)."""
+    """Fail early, with a clear message, when results could not be written to ``folder`` (``what`` names it). Leaves
+    nothing behind: the probe is a temporary file in the nearest folder that exists."""
+    import tempfile
+
     from recache.errors import RecacheError
 
+    what = what or f"output folder {folder}"
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecacheError(f"{what} is not writable ({existing} is a file)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as e:
-        raise RecacheError(f"{what or f'output folder {folder}'} is not writable ({e.strerror})") from None
+        raise RecacheError(f"{what} is not writable ({e.strerror})") from None
 
 
 def check_writable_file(path: Path) -> None:

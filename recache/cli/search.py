@@ -11,6 +11,7 @@ from recache.cli.options import (
     add_model_options,
     add_nproc_option,
     add_pipeline_options,
+    check_writable,
     load_sampler,
     nonnegative_float,
     nonnegative_int,
@@ -44,8 +45,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     config = SearchConfig(k=args.budget, mechanism=args.mechanism, pairs=args.pairs, sa_iters=args.sa_iters, hc_iters=args.hc_iters,
                           restarts=args.restarts, t_max=args.t_max, t_min=args.t_min, seed=args.seed)
-    pipe = load_sampler(args)
     out = Path(args.out or f"runs/search/{args.mechanism}-k{args.budget}")
+    distributed.on_main(lambda: check_writable(out))  # before loading and sampling, not after
+    pipe = load_sampler(args)
     start = time.perf_counter()
     schedule, history = search_schedule(config, pipe, out, resume=args.resume)
     seconds = time.perf_counter() - start

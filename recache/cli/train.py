@@ -11,6 +11,7 @@ from recache.cli.options import (
     add_model_options,
     add_nproc_option,
     add_pipeline_options,
+    check_writable,
     load_sampler,
     nonnegative_float,
     positive_float,
@@ -47,8 +48,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    pipe = load_sampler(args, output_type="pt" if args.fidelity == "lpips" or args.alpha > 0 else "latent")
     out = Path(args.out)
+    distributed.on_main(lambda: check_writable(out))  # before loading and sampling, not after
+    pipe = load_sampler(args, output_type="pt" if args.fidelity == "lpips" or args.alpha > 0 else "latent")
     policy = train_recache(config, out, pipe, resume=args.resume)
     if not distributed.is_main():
         return 0

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from recache import distributed
 from recache.errors import RecacheError
-from recache.evaluation.evaluate import Method, evaluate, make_reference
+from recache.evaluation.evaluate import METRICS, Method, evaluate, make_reference
 from recache.evaluation.plots import plot_quality_vs_budget, plot_quality_vs_cost, plot_sample_strips, plot_schedule_heatmap
 from recache.evaluation.protocol import CALIBRATION_PAIRS, calibration_pairs
 from recache.evaluation.report import markdown_paired_table, markdown_table, paired_comparison, summarize, write_jsonl
@@ -109,14 +109,20 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
 
 
 def _complete_rows(path: Path, keys: list[tuple], classes: torch.Tensor, seeds: list[int], T: int) -> list[dict]:
-    """The rows of ``path`` for the methods in ``keys`` whose rows are exactly one per (class, seed) pair, at ``T``."""
+    """The rows of ``path`` for the methods in ``keys`` whose rows are exactly one per (class, seed) pair, at ``T``.
+    Damaged lines are skipped: their methods are evaluated again."""
     if not path.exists():
         return []
     pairs = sorted((int(c), int(s)) for c, s in zip(classes, seeds, strict=True))
     by_key: dict[tuple, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
             r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (isinstance(r, dict) and all(k in r for k in ("class", "seed", "T", "full_passes", *METRICS))
+                and isinstance(r.get("policy"), str) and isinstance(r.get("mechanism"), str) and isinstance(r.get("k"), int)
+                and isinstance(r["class"], int) and isinstance(r["seed"], int)):
             by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), []).append(r)
     return [r for key, group in by_key.items() if key in keys and all(r.get("T") == T for r in group)
             and sorted((r["class"], r["seed"]) for r in group) == pairs for r in group]

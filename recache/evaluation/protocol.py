@@ -26,5 +26,7 @@ def calibration_pairs(n: int, offset: int = 0, num_conditions: int = NUM_CLASSES
     """``n`` (condition, seed) pairs for training or search, seeds ``offset .. offset + n - 1`` (never held out); the
     conditions (classes, or prompts of a pipeline) cycle through ``0..num_conditions - 1``."""
     if offset + n > HELDOUT_SEED_BASE:
-        raise ValueError(f"calibration seeds must stay below {HELDOUT_SEED_BASE}")
+        from recache.errors import RecacheError
+
+        raise RecacheError(f"{n} calibration pairs would reach the held-out seeds; use at most {HELDOUT_SEED_BASE - offset}")
     return torch.arange(offset, offset + n) % num_conditions, list(range(offset, offset + n))

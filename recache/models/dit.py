@@ -33,6 +33,13 @@ class DiTConfig:
     num_classes: int = 10
 
     def __post_init__(self):
+        limits = {"image_size": 1024, "in_channels": 64, "patch_size": 64, "hidden_size": 4096, "depth": 128, "num_heads": 64, "num_classes": 100_000}
+        for name, most in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"{name} must be a whole number from 1 to {most}, got {value!r}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or not 0 < self.mlp_ratio <= 16:
+            raise ValueError(f"mlp_ratio must be a number in (0, 16], got {self.mlp_ratio!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:

@@ -34,6 +34,7 @@ from recache import distributed
 from recache.errors import RecacheError
 from recache.evaluation.protocol import calibration_pairs
 from recache.evaluation.report import write_jsonl
+from recache.io import read_json, write_json
 from recache.mechanisms import get_mechanism
 from recache.schedule import Schedule, check_budget
 
@@ -189,7 +190,7 @@ def rollout_objective(pipe, mechanism, classes: torch.Tensor, seeds: list[int], 
     return evaluate
 
 
-MEMO, HISTORY, SCHEDULE = "memo.jsonl", "history.jsonl", "schedule.json"
+MEMO, HISTORY, SCHEDULE, SEARCH = "memo.jsonl", "history.jsonl", "schedule.json", "search.json"
 
 
 def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progress: bool = True) -> tuple[Schedule, list[dict]]:
@@ -202,7 +203,8 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
     out, main = Path(out), distributed.is_main()
     if config.pairs < distributed.world_size():
         raise RecacheError(f"{config.pairs} calibration pairs cannot be shared by {distributed.world_size()} ranks; use --pairs >= the ranks")
-    memo = distributed.on_main(lambda: _read_memo(out, resume))
+    identity = {"search": asdict(config), "model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule, "guidance": pipe.guidance}
+    memo = distributed.on_main(lambda: _read_memo(out, resume, identity))
     classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     mine = distributed.shard(config.pairs)
     classes, seeds = classes[mine], seeds[mine]
@@ -217,7 +219,7 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
     search = BudCacheSearch(pipe.steps, config, evaluate_and_record, memo, progress and main)  # checks the budget first
     objective = rollout_objective(pipe, get_mechanism(config.mechanism), classes, seeds, pipe(classes, seeds))
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / SEARCH, identity)
     try:
         search.run()
         uniform_loss = objective([tuple(Schedule.uniform(pipe.steps, config.k).steps)])[0]  # for the report only
@@ -231,17 +233,26 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
     return schedule, search.history
 
 
-def _read_memo(out: Path, resume: bool) -> dict[Steps, float]:
-    """The losses a previous search in ``out`` recorded (resume), or an error when ``out`` holds one and not resuming."""
+def _read_memo(out: Path, resume: bool, identity: dict) -> dict[Steps, float]:
+    """The losses a previous search in ``out`` recorded (resume), or an error when ``out`` holds one and not resuming,
+    or one made with other settings (``search.json``). Lines that are cut, damaged or not the loss of a k-step
+    schedule are skipped (evaluated again)."""
     memo = {}
     if not (out / MEMO).exists():
         return memo
     if not resume:
         raise RecacheError(f"{out} already holds a search; resume it (--resume) or choose another --out")
-    for line in (out / MEMO).read_text().splitlines():
+    saved = read_json(out / SEARCH, "search settings") if (out / SEARCH).exists() else None
+    if saved != json.loads(json.dumps(identity)):
+        raise RecacheError(f"{out} holds a search with other settings ({out / SEARCH}); resume with the same ones or choose another --out")
+    k, T = identity["search"]["k"], identity["T"]
+    for line in (out / MEMO).read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-            memo[tuple(row["steps"])] = row["loss"]
+            steps, loss = tuple(row["steps"]), row["loss"]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by an interruption
+        whole = all(isinstance(s, int) and not isinstance(s, bool) for s in steps) and list(steps) == sorted(set(steps))
+        if whole and len(steps) == k and steps[0] == 0 and steps[-1] < T and isinstance(loss, int | float) and math.isfinite(loss) and loss >= 0:
+            memo[steps] = float(loss)
     return memo

@@ -66,6 +66,10 @@ class ReCacheConfig:
         for name in ("model", "sigmas", "mechanism"):
             if not isinstance(getattr(self, name), str):
                 raise RecacheError(f"{name} must be a string, got {getattr(self, name)!r}")
+        from recache.mechanisms import MECHANISMS
+
+        if self.mechanism not in MECHANISMS:
+            raise RecacheError(f"mechanism {self.mechanism!r} is unknown; one of {', '.join(MECHANISMS)}")
         if self.step_mapping != "nearest":
             raise RecacheError(f"step_mapping {self.step_mapping!r} is unknown; the one there is: 'nearest'")
         if not isinstance(self.training, dict):
@@ -217,7 +221,7 @@ class ReCachePolicy(nn.Module):
         try:
             if not isinstance(raw, dict) or raw.pop("policy", None) != "recache":
                 raise ValueError("not a ReCache policy config")
-            check_fields(raw, ReCacheConfig, "the file")
+            check_fields(raw, ReCacheConfig, "the file", optional=("step_mapping",))  # older policies: "nearest"
             config = ReCacheConfig(**raw)
         except (ValueError, TypeError) as e:
             raise RecacheError(f"{folder}/config.json is not a valid ReCache policy config ({e})") from None

@@ -61,8 +61,11 @@ class TrainConfig:
                 raise RecacheError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group < 2:
             raise RecacheError(f"group must be >= 2 for a leave-one-out baseline, got {self.group}")
-        if self.lr <= 0 or self.entropy < 0:
-            raise RecacheError(f"lr must be > 0 and entropy >= 0, got lr={self.lr}, entropy={self.entropy}")
+        if not (0 < self.lr <= 1 and 0 <= self.entropy <= 10):
+            raise RecacheError(f"lr must be in (0, 1] and entropy in [0, 10], got lr={self.lr}, entropy={self.entropy}")
+        if self.pairs * self.group > 100_000 or self.pool > 100_000:
+            raise RecacheError(f"pairs x group = {self.pairs * self.group} rollouts per update and pool = {self.pool} must each be "
+                               "at most 100000 (they are held in memory at once)")
 
 
 def seeds_hash(classes: torch.Tensor, seeds: list[int]) -> str:
@@ -107,7 +110,8 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
                                                   "seeds_hash": seeds_hash(classes, seeds), "library_version": __version__}))
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    start, log = distributed.on_main(lambda: _restore(out, resume, config, ranks, policy, optimizer, generator))
+    sampler = {"model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule, "guidance": pipe.guidance}
+    start, log = distributed.on_main(lambda: _restore(out, resume, config, ranks, sampler, policy, optimizer, generator))
     _share_state(policy, optimizer, generator)
 
     targets, target_features = _targets(pipe, reward, classes, seeds)
@@ -120,7 +124,7 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
         nonlocal saved
         if distributed.is_main():
             write_jsonl(out / LOG, log)
-            extra = {"config": asdict(config), "ranks": ranks}
+            extra = {"config": asdict(config), "ranks": ranks, "sampler": sampler}
             save_checkpoint(out / CHECKPOINT, {"policy": policy}, optimizer, {"train": generator}, updates, extra)
         saved = updates
 
@@ -151,6 +155,9 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
             distributed.sum_gradients(policy.parameters())
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
+            if not all(torch.isfinite(p).all() for p in policy.parameters()):
+                raise NonFiniteError(f"the policy's weights became non-finite at update {update} (lr {config.lr} too large?); "
+                                     f"the checkpoint holds {saved} updates")
             sums = distributed.all_reduce_sum(torch.stack([R.sum(), D.sum(), parts["quality"].sum(), entropy.sum(), loss]).detach().double())
             log.append({"update": update, "k": k_all.tolist(), "reward": sums[0].item() / (P * G), "fidelity": sums[1].item() / (P * G),
                         "quality": sums[2].item() / (P * G), "entropy": sums[3].item() / P, "beta": beta, "loss": sums[4].item(),
@@ -172,13 +179,18 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
     return policy
 
 
-def _restore(out: Path, resume: bool, config: TrainConfig, ranks: int, policy, optimizer, generator) -> tuple[int, list[dict]]:
+def _restore(out: Path, resume: bool, config: TrainConfig, ranks: int, sampler: dict, policy, optimizer,
+             generator) -> tuple[int, list[dict]]:
     """Rank 0: the update to start from and the log so far, after loading the checkpoint in ``out`` when resuming."""
     if not (out / CHECKPOINT).exists():
         return 0, []
     if not resume:
         raise RecacheError(f"{out} already holds a training run; resume it (--resume) or choose another --out")
     start, extra = load_checkpoint(out / CHECKPOINT, {"policy": policy}, optimizer, {"train": generator})
+    if not 0 <= start <= config.updates:
+        raise RecacheError(f"checkpoint {out / CHECKPOINT} claims {start} updates, not within 0-{config.updates}; delete it to start afresh")
+    if extra.get("sampler", sampler) != sampler:
+        raise RecacheError(f"{out} was trained on another sampler ({extra['sampler']}); resume with the same model, steps, sigmas and guidance")
     if extra.get("config") != asdict(config):
         raise RecacheError(f"{out} was trained with other settings ({extra.get('config')}); resume with the same ones")
     if extra.get("ranks", 1) != ranks:

@@ -160,6 +160,8 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
 
     prompts = load_prompts(prompts_file) if prompts_file is not None else None
     if pipeline == "mnist-flux" or (Path(pipeline) / "recache.json").exists():
+        if height is not None or width is not None:
+            raise RecacheError(f"{pipeline} draws 20x20 digits: --height and --width do not apply to it")
         return _digit_flux_rollouts(pipeline, prompts, steps, guidance)
     if prompts is None:
         raise RecacheError(f"pipeline {pipeline} needs a prompts file (--prompts FILE: .txt, .jsonl or .csv)")

@@ -36,9 +36,14 @@ class DigitPipeline:
                         sigmas: str | None = None) -> DigitPipeline:
         """Load a model; ``steps``, ``guidance`` and ``sigmas`` default to the values in its ``config.json``."""
         defaults = read_config(name_or_folder).get("sampling", {})
+        if not isinstance(defaults, dict):
+            raise RecacheError(f"the 'sampling' block of model {name_or_folder!r} must be an object, got {defaults!r}")
         sigmas = sigmas or defaults.get("sigmas", "linear")
         grid = get_sigmas(sigmas, steps if steps is not None else defaults.get("steps", 50))
-        guidance = float(guidance if guidance is not None else defaults.get("guidance", 1.0))
+        guidance = guidance if guidance is not None else defaults.get("guidance", 1.0)
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance <= 100:
+            raise RecacheError(f"guidance of model {name_or_folder!r} must be a CFG scale from 0 to 100, got {guidance!r}")
+        guidance = float(guidance)
         return cls(load_dit(name_or_folder), grid, guidance, os.fspath(name_or_folder), sigmas)
 
     @property

@@ -47,6 +47,8 @@ class Calibration:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise RecacheError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.mean_k > self.T:
+            raise RecacheError(f"mean_k {self.mean_k} is above T={self.T}")
         if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 1:
             raise RecacheError(f"pairs must be a whole number >= 1, got {self.pairs!r}")
         if not (isinstance(self.model, str) and isinstance(self.sigmas, str) and isinstance(self.options, dict) and isinstance(self.settings, dict)):
