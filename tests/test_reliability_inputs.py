@@ -75,6 +75,28 @@ def make_bad_files(root: Path) -> None:
     (root / "corrupt-run" / "checkpoint.safetensors").write_bytes(b"\x07not a checkpoint")
     (root / "old-search").mkdir()
     (root / "old-search" / "memo.jsonl").write_text('{"steps": [0, 4, 7], "loss": 0.1}\n')
+    (root / "bad-sigmas.json").write_text(json.dumps({"mask": mask, "aligned_sigmas": [7] * 51}))
+    Schedule.from_steps(50, [0, 10, 30]).save(root / "t50.json")
+    (root / "a-file.txt").write_text("")
+    _policy_copy(root / "missing-field-policy", edit_config=lambda c: c.pop("k_min"))
+    _policy_copy(root / "bad-mechanism-policy", edit_config=lambda c: c.update(mechanism="magic"))
+    for name, edit in (("wide-model", lambda c: c["config"].update(hidden_size=10 ** 6)),
+                       ("text-guidance-model", lambda c: c.setdefault("sampling", {}).update(guidance="abc"))):
+        shutil.copytree(WEIGHTS_DIR / "mnist-dit", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        edit(config)
+        (root / name / "config.json").write_text(json.dumps(config))
+    nan_state = {k: torch.full_like(v, float("nan")) for k, v in policy.state_dict().items()}
+    nan_policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4))
+    nan_policy.load_state_dict(nan_state)
+    save_checkpoint(root / "nan-run" / "checkpoint.safetensors", {"policy": nan_policy}, torch.optim.Adam(nan_policy.parameters()),
+                    {"train": torch.Generator()}, 1, {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
+    sampler = {"model": "mnist-dit", "T": 8, "sigmas": "linear", "guidance": 2.0}
+    save_checkpoint(root / "sampler-run" / "checkpoint.safetensors", {"policy": policy}, torch.optim.Adam(policy.parameters()),
+                    {"train": torch.Generator()}, 1, {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1, "sampler": sampler})
+    (root / "settings-search").mkdir()
+    (root / "settings-search" / "memo.jsonl").write_text('{"steps": [0, 4, 7], "loss": 0.1}\n')
+    (root / "settings-search" / "search.json").write_text(json.dumps({"search": {"k": 3, "mechanism": "taylorseer"}}))
     (root / "prompts.txt").write_text("3\n")
     (root / "empty.txt").write_text("")
     (root / "words.txt").write_text("a cat\n")
