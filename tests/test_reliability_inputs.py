@@ -46,7 +46,7 @@ def _nan_first(tensors: dict) -> dict:
 
 
 def make_bad_files(root: Path) -> None:
-    """The damaged files and folders the table's commands name (BAD_FILES)."""
+    """The damaged files and folders the table's commands name."""
     mask = [1] + [0] * 49
     (root / "a-folder").mkdir()
     (root / "truncated.json").write_text('{"format": "recache.schedule/v1", "T": 50, "mask": [1, 0')
