@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import write_safetensors
+from recache.io import first_non_finite, write_safetensors
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
@@ -36,9 +36,8 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise RecacheError(f"checkpoint {path} cannot be read ({e}); delete it to start afresh") from None
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise RecacheError(f"checkpoint {path} holds non-finite values in {name}; delete it to start afresh")
+    if (bad := first_non_finite(tensors)) is not None:
+        raise RecacheError(f"checkpoint {path} holds non-finite values in {bad}; delete it to start afresh")
     try:
         _restore(tensors, meta, modules, optimizer, generators)
         return int(meta["step"]), dict(meta["extra"])

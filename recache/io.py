@@ -77,6 +77,11 @@ def check_fields(data: dict, cls, what: str, optional: tuple[str, ...] = ()) -> 
         raise RecacheError(f"{what} has missing or unknown fields: {'; '.join(p for p in parts if p)}")
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor that holds NaN or inf, or None (weights and checkpoints)."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recache.errors import is_whole
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -36,7 +38,7 @@ class DiTConfig:
         limits = {"image_size": 1024, "in_channels": 64, "patch_size": 64, "hidden_size": 4096, "depth": 128, "num_heads": 64, "num_classes": 100_000}
         for name, most in limits.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            if not is_whole(value, 1, most):
                 raise ValueError(f"{name} must be a whole number from 1 to {most}, got {value!r}")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or not 0 < self.mlp_ratio <= 16:
             raise ValueError(f"mlp_ratio must be a number in (0, 16], got {self.mlp_ratio!r}")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import read_json, write_json, write_safetensors
+from recache.io import first_non_finite, read_json, write_json, write_safetensors
 from recache.models.classifier import ClassifierConfig, DigitClassifier
 from recache.models.dit import DiT, DiTConfig
 
@@ -74,9 +73,8 @@ def load_pretrained(name_or_folder: str | Path, kind: str | None = None) -> nn.M
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise RecacheError(f"weights file {weights} does not match its config.json ({first})") from None
-    for name, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            raise RecacheError(f"weights file {weights} holds non-finite values in {name}")
+    if (bad := first_non_finite(state)) is not None:
+        raise RecacheError(f"weights file {weights} holds non-finite values in {bad}")
     return model.eval()
 
 

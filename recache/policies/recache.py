@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from recache.errors import RecacheError
-from recache.io import check_fields, read_json, write_json, write_safetensors
+from recache.errors import RecacheError, is_whole
+from recache.io import check_fields, first_non_finite, read_json, write_json, write_safetensors
 from recache.schedule import Schedule, check_budget
 
 FREQUENCIES = 4
@@ -61,7 +61,7 @@ class ReCacheConfig:
         check_budget(self.k_max, self.T)
         if self.k_min > self.k_max:
             raise RecacheError(f"budget range {self.k_min}-{self.k_max} is empty")
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or not 1 <= self.hidden <= MAX_HIDDEN:
+        if not is_whole(self.hidden, 1, MAX_HIDDEN):
             raise RecacheError(f"hidden width must be a whole number from 1 to {MAX_HIDDEN}, got {self.hidden!r}")
         for name in ("model", "sigmas", "mechanism"):
             if not isinstance(getattr(self, name), str):
@@ -74,8 +74,7 @@ class ReCacheConfig:
             raise RecacheError(f"step_mapping {self.step_mapping!r} is unknown; the one there is: 'nearest'")
         if not isinstance(self.training, dict):
             raise RecacheError(f"training must be an object of settings, got {self.training!r}")
-        if not isinstance(self.fallback, list) or any(isinstance(k, bool) or not isinstance(k, int) or not self.k_min <= k <= self.k_max
-                                                      for k in self.fallback):
+        if not isinstance(self.fallback, list) or not all(is_whole(k, self.k_min, self.k_max) for k in self.fallback):
             raise RecacheError(f"fallback must list budgets within {self.k_min}-{self.k_max}, got {self.fallback!r}")
 
 
@@ -235,7 +234,8 @@ class ReCachePolicy(nn.Module):
             policy.load_state_dict(state)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise RecacheError(f"policy weights {weights} cannot be loaded ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-        for name, tensor in state.items():
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise RecacheError(f"policy weights {weights} hold {'non-finite values' if tensor.is_floating_point() else tensor.dtype} in {name}")
+        if (bad := next((name for name, t in state.items() if not t.is_floating_point()), None)) is not None:
+            raise RecacheError(f"policy weights {weights} hold {state[bad].dtype} in {bad}")
+        if (bad := first_non_finite(state)) is not None:
+            raise RecacheError(f"policy weights {weights} hold non-finite values in {bad}")
         return policy.eval()

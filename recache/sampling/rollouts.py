@@ -82,7 +82,8 @@ def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Te
         if branches == 2:
             v_cond, v_uncond = v.chunk(2)
             v = torch.lerp(v_uncond, v_cond, float(guidance))
-        x[idx] = torch.addcmul(x_in, dt, v)
-        watch.update(x[idx], step[: len(x_in)], idx)
+        x_out = torch.addcmul(x_in, dt, v)
+        x[idx] = x_out
+        watch.update(x_out, step[: len(x_in)], idx)
     watch.check()
     return x, passes

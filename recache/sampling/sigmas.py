@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from recache.errors import RecacheError
+from recache.errors import RecacheError, is_whole
 
 
 def get_sigmas_linear(steps: int) -> torch.Tensor:
@@ -39,5 +39,5 @@ def get_sigmas(name: str, steps: int) -> torch.Tensor:
 def _check_steps(steps: int) -> None:
     from recache.schedule.schedule import MAX_STEPS
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+    if not is_whole(steps, 1, MAX_STEPS):
         raise RecacheError(f"the number of steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recache.errors import RecacheError
+from recache.errors import RecacheError, is_whole
 from recache.io import read_json, write_json
 
 FORMAT = "recache.schedule/v1"
@@ -21,9 +21,9 @@ _RESERVED_KEYS = ("format", "T", "k", "mask")  # everything else in a schedule f
 
 def check_budget(k: int, T: int) -> None:
     """A budget is a whole number of full passes in 1..T."""
-    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_STEPS:
+    if not is_whole(T, 1, MAX_STEPS):
         raise RecacheError(f"the number of steps T must be a whole number from 1 to {MAX_STEPS}, got {T!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
+    if not is_whole(k, 1, T):
         raise RecacheError(f"budget k={k!r} is not allowed: use a whole number of full passes from 1 to T={T}")
 
 

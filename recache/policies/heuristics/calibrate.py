@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from recache.errors import RecacheError
+from recache.errors import RecacheError, is_whole
 from recache.io import check_fields, read_json, write_json
 from recache.policies.heuristics import HEURISTICS, Heuristic, StaticHeuristic, get_heuristic
 from recache.schedule import check_budget
@@ -49,7 +49,7 @@ class Calibration:
                 raise RecacheError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.mean_k > self.T:
             raise RecacheError(f"mean_k {self.mean_k} is above T={self.T}")
-        if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 1:
+        if not is_whole(self.pairs, 1):
             raise RecacheError(f"pairs must be a whole number >= 1, got {self.pairs!r}")
         if not (isinstance(self.model, str) and isinstance(self.sigmas, str) and isinstance(self.options, dict) and isinstance(self.settings, dict)):
             raise RecacheError("model and sigmas must be strings, options and settings objects")
