@@ -167,10 +167,12 @@ def train_recache(config: TrainConfig, out: str | Path, pipe=None, resume: bool 
         fallback = calibration_guard(policy, pipe, mechanism, reward, classes[:GUARD_PAIRS], seeds[:GUARD_PAIRS], targets,
                                      target_features, out, progress)
     except distributed.RankLost as e:
+        if len(log) > saved:  # stopped after an update was done but before its checkpoint was whole: write it now
+            checkpoint(len(log))
         raise distributed.RankLost(f"{e}; the last checkpoint ({out / CHECKPOINT}, {saved} updates) is intact: "
                                    "resume with --resume") from None
     except KeyboardInterrupt:
-        if len(log) > saved:  # Ctrl-C after an update was done but before its checkpoint was whole: write it now
+        if len(log) > saved:  # the same for Ctrl-C
             checkpoint(len(log))
         raise KeyboardInterrupt(f"the checkpoint {out / CHECKPOINT} holds {saved} updates: resume with --resume") from None
     policy.config = replace(policy.config, fallback=fallback)
