@@ -37,6 +37,41 @@ def random_schedule(T: int, k: int, rng: random.Random) -> Schedule:
     return Schedule.from_steps(T, [0, *rng.sample(range(1, T), k - 1)])
 
 
+def step_costs(pipe: DigitPipeline, batch: int) -> tuple[float, float]:
+    """Cost of one full and one cached step (reuse), from samplings with one and two computed steps."""
+    T = pipe.steps
+    classes, seeds = torch.arange(batch) % 10, list(range(batch))
+    one, two = Schedule.from_steps(T, [0]), Schedule.from_steps(T, [0, T // 2])
+    t_one = statistics.median(timed(lambda: pipe.sample_with(one, "reuse", classes, seeds)) for _ in range(7))
+    t_two = statistics.median(timed(lambda: pipe.sample_with(two, "reuse", classes, seeds)) for _ in range(7))
+    return t_two - t_one, (t_one - (t_two - t_one)) / (T - 1)
+
+
+def rollout_timings(pipe: DigitPipeline, k: int, size: int, runs: int):
+    """Batched against separate rollouts of groups of random, policy-drawn and full schedules on one pair: the
+    groups, the gains per group and the random group's batched and separate times."""
+    T, rng = pipe.steps, random.Random(0)
+    group = [random_schedule(T, k, rng) for _ in range(size)]
+    one_class, one_seed = torch.tensor([3]), [900_000]
+    policy = ReCachePolicy.from_pretrained("mnist-dit-taylorseer", T=T)
+    with torch.no_grad():
+        masks = policy.sample(torch.full((size,), k), torch.Generator().manual_seed(0))[0]
+    groups = {"random": group, "policy": [Schedule(tuple(m.tolist())) for m in masks],
+              "full": [Schedule.full(T)] * size}
+    gains = {name: [] for name in groups}
+    batched, separate = [], []
+    for _ in range(runs):
+        for name, schedules in groups.items():
+            together = timed(lambda group=schedules: pipe.rollout(one_class, one_seed, group, "taylorseer"))
+            apart = timed(lambda group=schedules: [pipe.sample_with(s, "taylorseer", one_class, one_seed)
+                                                   for s in group])
+            gains[name].append(apart / together)
+            if name == "random":
+                batched.append(together)
+                separate.append(apart)
+    return groups, gains, batched, separate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -48,33 +83,12 @@ def main() -> None:
     pipe = DigitPipeline.from_pretrained("mnist-dit")
     T, k = pipe.steps, args.budget
     schedule = Schedule.uniform(T, k)
-    measured = {m: measure_speedup(pipe, Method("uniform", m, k, schedule), batch=args.batch, runs=args.runs) for m in MECHANISMS}
+    measured = {m: measure_speedup(pipe, Method("uniform", m, k, schedule), batch=args.batch, runs=args.runs)
+                for m in MECHANISMS}
     speedups = {m: v[0] for m, v in measured.items()}
 
-    # Cost of one full and one cached step (reuse), from samplings with one and two computed steps.
-    classes, seeds = torch.arange(args.batch) % 10, list(range(args.batch))
-    one, two = Schedule.from_steps(T, [0]), Schedule.from_steps(T, [0, T // 2])
-    t_one = statistics.median(timed(lambda: pipe.sample_with(one, "reuse", classes, seeds)) for _ in range(7))
-    t_two = statistics.median(timed(lambda: pipe.sample_with(two, "reuse", classes, seeds)) for _ in range(7))
-    full_step, cached_step = t_two - t_one, (t_one - (t_two - t_one)) / (T - 1)
-
-    rng = random.Random(0)
-    group = [random_schedule(T, k, rng) for _ in range(args.group)]
-    one_class, one_seed = torch.tensor([3]), [900_000]
-    policy = ReCachePolicy.from_pretrained("mnist-dit-taylorseer", T=T)
-    with torch.no_grad():
-        masks = policy.sample(torch.full((args.group,), k), torch.Generator().manual_seed(0))[0]
-    groups = {"random": group, "policy": [Schedule(tuple(m.tolist())) for m in masks], "full": [Schedule.full(T)] * args.group}
-    gains = {name: [] for name in groups}
-    batched, separate = [], []
-    for _ in range(args.runs):
-        for name, schedules in groups.items():
-            together = timed(lambda group=schedules: pipe.rollout(one_class, one_seed, group, "taylorseer"))
-            apart = timed(lambda group=schedules: [pipe.sample_with(s, "taylorseer", one_class, one_seed) for s in group])
-            gains[name].append(apart / together)
-            if name == "random":
-                batched.append(together)
-                separate.append(apart)
+    full_step, cached_step = step_costs(pipe, args.batch)
+    groups, gains, batched, separate = rollout_timings(pipe, k, args.group, args.runs)
     result = {"T": T, "k": k, "batch": args.batch, "runs": args.runs,
               "median_s": {m: round(v[1], 4) for m, v in measured.items()},
               "speedup": {m: round(v, 3) for m, v in speedups.items()},
@@ -84,13 +98,16 @@ def main() -> None:
               "rollout_group": args.group, "rollout_batched_s": round(statistics.median(batched), 4),
               "rollout_separate_s": round(statistics.median(separate), 4),
               "rollout_gain": {name: round(statistics.median(g), 2) for name, g in gains.items()},
-              "steps_computed_by_any": {name: sum(any(s.mask[i] for s in schedules) for i in range(T)) for name, schedules in groups.items()}}
+              "steps_computed_by_any": {name: sum(any(s.mask[i] for s in schedules) for i in range(T))
+                                        for name, schedules in groups.items()}}
     write_json(Path(args.out), result)
     print(f"| mechanism | k / T | median (s) | speed-up | of ideal {T / k:g}x |\n|---|---|---|---|---|")
     for m in MECHANISMS:
-        print(f"| {m} | {k} / {T} | {result['median_s'][m]:.3f} | {speedups[m]:.2f}x | {result['fraction_of_ideal'][m]:.1%} |")
-    print(f"\none full step {result['full_step_ms']:.2f} ms, one cached step (reuse) {result['cached_step_ms']:.3f} ms: "
-          f"at best {result['bound_of_ideal']:.1%} of the ideal {T / k:g}x while cached steps cost that much")
+        print(f"| {m} | {k} / {T} | {result['median_s'][m]:.3f} | {speedups[m]:.2f}x | "
+              f"{result['fraction_of_ideal'][m]:.1%} |")
+    print(f"\none full step {result['full_step_ms']:.2f} ms, one cached step (reuse) "
+          f"{result['cached_step_ms']:.3f} ms: at best {result['bound_of_ideal']:.1%} of the ideal {T / k:g}x "
+          "while cached steps cost that much")
     print(f"\nbatched rollouts, G = {args.group} schedules, one (class, seed) pair, taylorseer, batched vs separate "
           f"(random: {result['rollout_batched_s']:.3f} s vs {result['rollout_separate_s']:.3f} s):")
     for name in groups:

@@ -27,21 +27,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from recache.evaluation.report import write_jsonl  # noqa: E402
-from recache.io import write_text  # noqa: E402
-from recache.policies.reinforce import read_log  # noqa: E402
+from recache.io import (
+    read_jsonl,  # noqa: E402
+    write_jsonl,  # noqa: E402
+    write_text,  # noqa: E402
+)
 
 CONFIGS = [("1 process, all threads", 1, None), ("1 process, 1 thread", 1, "1"), ("2 processes, 1 thread each", 2, "1")]
 
 
 def run(nproc: int, threads: str | None, args, folder: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": threads} if threads else {})
-    argv = [sys.executable, "-m", "recache", "train", "--updates", str(args.updates), "--pairs", str(args.pairs // nproc),
-            "--group", str(args.group), "--k-min", "4", "--k-max", "25", "--pool", str(args.pool), "--out", str(folder), "--nproc", str(nproc)]
+    env = ({k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+           | ({"OMP_NUM_THREADS": threads} if threads else {}))
+    argv = [sys.executable, "-m", "recache", "train", "--updates", str(args.updates),
+            "--pairs", str(args.pairs // nproc), "--group", str(args.group), "--k-min", "4", "--k-max", "25",
+            "--pool", str(args.pool), "--out", str(folder), "--nproc", str(nproc)]
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    update = statistics.median(row["seconds"] for row in read_log(folder / "train_log.jsonl")[2:])
+    update = statistics.median(row["seconds"] for row in read_jsonl(folder / "train_log.jsonl")[2:])
     return {"update_seconds": update, "rollouts_per_second": args.pairs * args.group / update, "wall_seconds": wall}
 
 
@@ -56,24 +60,28 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for run_index in range(args.runs):
-        for name, nproc, threads in CONFIGS:  # interleaved, so a drift of the machine's speed touches every configuration
+        # interleaved, so a drift of the machine's speed touches every configuration
+        for name, nproc, threads in CONFIGS:
             folder = Path(tempfile.mkdtemp(prefix="recache-dp-"))
             try:
-                rows.append({"config": name, "nproc": nproc, "threads": threads or "all", "run": run_index, "cores": os.cpu_count(),
-                             "updates": args.updates, "rollouts_per_update": args.pairs * args.group, **run(nproc, threads, args, folder)})
+                rows.append({"config": name, "nproc": nproc, "threads": threads or "all", "run": run_index,
+                             "cores": os.cpu_count(), "updates": args.updates,
+                             "rollouts_per_update": args.pairs * args.group, **run(nproc, threads, args, folder)})
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             print(json.dumps(rows[-1]))
     out = Path(args.out)
     write_jsonl(out.with_suffix(".jsonl"), rows)
-    table = "| configuration | rollouts/s (median) | runs | update s (median) | wall s (median) |\n|---|---|---|---|---|\n"
+    table = ("| configuration | rollouts/s (median) | runs | update s (median) | wall s (median) |\n"
+             "|---|---|---|---|---|\n")
     medians = {}
     for name, _, _ in CONFIGS:
         mine = [r for r in rows if r["config"] == name]
         medians[name] = statistics.median(r["rollouts_per_second"] for r in mine)
         each = ", ".join(f"{r['rollouts_per_second']:.1f}" for r in mine)
         table += (f"| {name} | {medians[name]:.1f} | {each} | "
-                  f"{statistics.median(r['update_seconds'] for r in mine):.3f} | {statistics.median(r['wall_seconds'] for r in mine):.1f} |\n")
+                  f"{statistics.median(r['update_seconds'] for r in mine):.3f} | "
+                  f"{statistics.median(r['wall_seconds'] for r in mine):.1f} |\n")
     write_text(out.with_suffix(".md"), table)
     print(table)
     fig, ax = plt.subplots(figsize=(6, 3))

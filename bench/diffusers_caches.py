@@ -3,12 +3,14 @@
 Every method runs inside the same ``diffusers.FluxPipeline`` (true CFG: a "cond" and an "uncond" transformer call
 per step) on held-out (class, seed) pairs, and is compared with the uncached output from the same noise and class:
 relative L2, PSNR and the digit classifier's feature distance (± SE over the pairs), realised full passes per
-branch (counted from the last block's attention query projections, the same counter for every method) and wall time (median
-of ``--runs`` timed calls of the whole held-out batch; speed-up against the uncached median of the same runs).
+branch (counted from the last block's attention query projections, the same counter for every method) and wall
+time (median of ``--runs`` timed calls of the whole held-out batch; speed-up against the uncached median of the
+same runs).
 
 - ours: uniform schedules (``reuse``, ``taylorseer``), a BudCache-searched ``taylorseer`` schedule (searched here
-  on ``--search-pairs`` calibration pairs with at most 5 hill-climbing moves, unless ``--search-dir`` holds it) and the shipped ReCache policy
-  ``mnist-flux-taylorseer`` (trained on this pipeline with ``recache train --pipeline mnist-flux``);
+  on ``--search-pairs`` calibration pairs with at most 5 hill-climbing moves, unless ``--search-dir`` holds it)
+  and the shipped ReCache policy ``mnist-flux-taylorseer`` (trained on this pipeline with
+  ``recache train --pipeline mnist-flux``);
 - diffusers 0.42's: ``FirstBlockCacheConfig`` (threshold bisected on calibration seeds to the budget),
   ``MagCacheConfig`` (ratios calibrated on this model with ``calibrate=True``, then threshold bisected; retention
   0.1 and no cap on consecutive skips, so that small budgets are reachable),
@@ -37,7 +39,6 @@ import torch  # noqa: E402
 from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig  # noqa: E402
 
 import recache  # noqa: E402
-from recache.evaluation.protocol import calibration_pairs, heldout_pairs  # noqa: E402
 from recache.io import write_text  # noqa: E402
 from recache.metrics.fidelity import psnr, relative_l2  # noqa: E402
 from recache.metrics.paired import mean_and_se  # noqa: E402
@@ -45,6 +46,7 @@ from recache.models.flux_digits import FluxDigitsPipeline  # noqa: E402
 from recache.models.pretrained import load_classifier  # noqa: E402
 from recache.policies import ReCachePolicy  # noqa: E402
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule  # noqa: E402
+from recache.protocol import calibration_pairs, heldout_pairs  # noqa: E402
 from recache.sampling.diffusers_rollouts import load_rollouts  # noqa: E402
 from recache.schedule import Schedule  # noqa: E402
 
@@ -56,7 +58,8 @@ class PassCounter:
     cache (a skipped block never reaches them, nor does an attention whose output TaylorSeerCache forecasts)."""
 
     def __init__(self, transformer):
-        last = transformer.single_transformer_blocks[-1] if len(transformer.single_transformer_blocks) else transformer.transformer_blocks[-1]
+        last = (transformer.single_transformer_blocks[-1] if len(transformer.single_transformer_blocks)
+                else transformer.transformer_blocks[-1])
         self.calls = 0
         last.attn.to_q.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
@@ -84,7 +87,8 @@ def realised(digits, counter, setup, classes, seeds) -> float:
 
 
 def bisect_threshold(make, digits, counter, k, classes, seeds, lo=0.0, hi=4.0, iters=14) -> tuple[float, float]:
-    """The threshold whose mean realised passes on the calibration pairs is closest to ``k`` (passes fall as it grows)."""
+    """The threshold whose mean realised passes on the calibration pairs is closest to ``k`` (passes fall as it
+    grows)."""
     best = (float("inf"), hi, None)
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -106,7 +110,8 @@ def mag_ratios(digits, classes, seeds) -> list[float]:
             digits(classes, seeds)
     finally:
         digits.transformer.disable_cache()
-    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines() if line.startswith("[") and not line.startswith("[MagCache]")]
+    lists = [ast.literal_eval(line) for line in printed.getvalue().splitlines()
+             if line.startswith("[") and not line.startswith("[MagCache]")]
     return [statistics.fmean(values) for values in zip(*lists, strict=True)]
 
 
@@ -127,7 +132,8 @@ def taylorseer_config(digits, counter, k, classes, seeds, lite: bool):
     return best[1]
 
 
-def evaluate(name, family, setup, digits, counter, classes, seeds, reference, ref_features, classifier, runs, base_seconds):
+def evaluate(name, family, setup, digits, counter, classes, seeds, reference, ref_features, classifier, runs,
+             base_seconds):
     """Quality of the first of ``runs`` timed calls (all are identical), the median time and the realised passes."""
     enable, disable = setup
     enable(digits.pipe)
@@ -146,19 +152,23 @@ def evaluate(name, family, setup, digits, counter, classes, seeds, reference, re
         distance = (classifier.features(images) - ref_features).norm(dim=1)
     row = {"method": name, "family": family, "realised_passes": passes, "seconds": statistics.median(seconds)}
     row["speedup"] = base_seconds / row["seconds"]
-    for metric, values in (("rel_l2", relative_l2(images, reference)), ("psnr", psnr(images, reference)), ("feature_distance", distance)):
+    for metric, values in (("rel_l2", relative_l2(images, reference)), ("psnr", psnr(images, reference)),
+                           ("feature_distance", distance)):
         row[metric], row[metric + "_se"] = mean_and_se(values)
-    print(f"  {name:<44} passes {passes:5.1f}  rel-L2 {row['rel_l2']:.4f}  feature distance {row['feature_distance']:.3f}  "
-          f"{row['speedup']:.2f}x", flush=True)
+    print(f"  {name:<44} passes {passes:5.1f}  rel-L2 {row['rel_l2']:.4f}  "
+          f"feature distance {row['feature_distance']:.3f}  {row['speedup']:.2f}x", flush=True)
     return row
 
 
 def table(rows: list[dict], T: int) -> str:
-    lines = [f"| budget | method | realised passes / branch (of {T}) | rel-L2 | PSNR dB | feature distance | wall s | speed-up |",
+    lines = [f"| budget | method | realised passes / branch (of {T}) | rel-L2 | PSNR dB | feature distance | wall s | "
+             "speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['budget']} | {r['method']} | {r['realised_passes']:.1f} | {r['rel_l2']:.4f} ± {r['rel_l2_se']:.4f} | "
-                     f"{r['psnr']:.1f} | {r['feature_distance']:.3f} ± {r['feature_distance_se']:.3f} | {r['seconds']:.2f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['budget']} | {r['method']} | {r['realised_passes']:.1f} | "
+                     f"{r['rel_l2']:.4f} ± {r['rel_l2_se']:.4f} | {r['psnr']:.1f} | "
+                     f"{r['feature_distance']:.3f} ± {r['feature_distance_se']:.3f} | {r['seconds']:.2f} | "
+                     f"{r['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,16 +193,53 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="7,10", help="full passes per branch, comma-separated")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per method (median)")
     parser.add_argument("--per-class", type=int, default=5, help="held-out pairs per digit")
     parser.add_argument("--policy", default="mnist-flux-taylorseer", help="the ReCache policy trained on mnist-flux")
-    parser.add_argument("--search-dir", default="runs/bench/diffusers_caches/search", help="BudCache searches (reused if present)")
-    parser.add_argument("--search-pairs", type=int, default=32, help="calibration pairs of the BudCache searches (8 overfits here)")
+    parser.add_argument("--search-dir", default="runs/bench/diffusers_caches/search",
+                        help="BudCache searches (reused if present)")
+    parser.add_argument("--search-pairs", type=int, default=32,
+                        help="calibration pairs of the BudCache searches (8 overfits here)")
     parser.add_argument("--out", default="runs/bench/diffusers_caches")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def methods_at_budget(k, args, digits, counter, policy, ratios, cal_classes, cal_seeds) -> list[tuple]:
+    """The (name, family, setup) of every method at budget ``k``: recache's schedules (the BudCache one searched
+    unless ``--search-dir`` holds it) and diffusers' caches calibrated to ``k`` on the calibration pairs."""
+    T = digits.steps
+    search_dir = Path(args.search_dir) / f"taylorseer-k{k}-p{args.search_pairs}"
+    if (search_dir / SCHEDULE).exists():
+        searched = Schedule.load(search_dir / SCHEDULE, T=T)
+    else:
+        config = SearchConfig(k=k, mechanism="taylorseer", pairs=args.search_pairs, hc_iters=5)
+        searched, _ = search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir)
+    fbc, _ = bisect_threshold(lambda t: FirstBlockCacheConfig(threshold=t), digits, counter, k, cal_classes, cal_seeds)
+    magcache = lambda t: MagCacheConfig(threshold=t, mag_ratios=ratios, num_inference_steps=T,  # noqa: E731
+                                        max_skip_steps=T, retention_ratio=0.1)
+    mag, _ = bisect_threshold(magcache, digits, counter, k, cal_classes, cal_seeds, hi=8.0)
+    methods = [
+        ("uniform / reuse", "recache", ours(Schedule.uniform(T, k), "reuse")),
+        ("uniform / taylorseer", "recache", ours(Schedule.uniform(T, k), "taylorseer")),
+        ("BudCache searched / taylorseer", "recache", ours(searched, "taylorseer")),
+        ("ReCache learned / taylorseer", "recache", ours(policy.schedule(k), "taylorseer")),
+        (f"FirstBlockCache (threshold {fbc:.3g})", "diffusers", theirs(FirstBlockCacheConfig(threshold=fbc))),
+        (f"MagCache (threshold {mag:.3g})", "diffusers",
+         theirs(magcache(mag))),
+    ]
+    for lite in (False, True):
+        config = taylorseer_config(digits, counter, k, cal_classes, cal_seeds, lite)
+        label = (f"TaylorSeerCache{' lite' if lite else ''} (interval {config.cache_interval}, "
+                 f"warm-up {config.disable_cache_before_step})")
+        methods.append((label, "diffusers", theirs(config)))
+    return methods
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     digits = FluxDigitsPipeline.from_pretrained("mnist-flux")
     digits.pipe.set_progress_bar_config(disable=True)
@@ -208,36 +255,17 @@ def main() -> None:
         digits(classes, seeds)
         uncached.append(time.perf_counter() - start)
     base = statistics.median(uncached)
-    print(f"mnist-flux, T = {T}, guidance {digits.guidance}, {len(seeds)} held-out pairs; uncached {base:.2f} s (median of {args.runs})")
+    print(f"mnist-flux, T = {T}, guidance {digits.guidance}, {len(seeds)} held-out pairs; "
+          f"uncached {base:.2f} s (median of {args.runs})")
     policy = ReCachePolicy.from_pretrained(args.policy, T=T)
     ratios = mag_ratios(digits, cal_classes, cal_seeds)
     rows = []
     for k in [int(b) for b in args.budgets.split(",")]:
         print(f"k = {k} of {T}", flush=True)
-        search_dir = Path(args.search_dir) / f"taylorseer-k{k}-p{args.search_pairs}"
-        if (search_dir / SCHEDULE).exists():
-            searched = Schedule.load(search_dir / SCHEDULE, T=T)
-        else:
-            config = SearchConfig(k=k, mechanism="taylorseer", pairs=args.search_pairs, hc_iters=5)
-            searched, _ = search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir)
-        fbc, _ = bisect_threshold(lambda t: FirstBlockCacheConfig(threshold=t), digits, counter, k, cal_classes, cal_seeds)
-        magcache = lambda t: MagCacheConfig(threshold=t, mag_ratios=ratios, num_inference_steps=T, max_skip_steps=T, retention_ratio=0.1)  # noqa: E731
-        mag, _ = bisect_threshold(magcache, digits, counter, k, cal_classes, cal_seeds, hi=8.0)
-        methods = [
-            ("uniform / reuse", "recache", ours(Schedule.uniform(T, k), "reuse")),
-            ("uniform / taylorseer", "recache", ours(Schedule.uniform(T, k), "taylorseer")),
-            ("BudCache searched / taylorseer", "recache", ours(searched, "taylorseer")),
-            ("ReCache learned / taylorseer", "recache", ours(policy.schedule(k), "taylorseer")),
-            (f"FirstBlockCache (threshold {fbc:.3g})", "diffusers", theirs(FirstBlockCacheConfig(threshold=fbc))),
-            (f"MagCache (threshold {mag:.3g})", "diffusers",
-             theirs(magcache(mag))),
-        ]
-        for lite in (False, True):
-            config = taylorseer_config(digits, counter, k, cal_classes, cal_seeds, lite)
-            label = f"TaylorSeerCache{' lite' if lite else ''} (interval {config.cache_interval}, warm-up {config.disable_cache_before_step})"
-            methods.append((label, "diffusers", theirs(config)))
+        methods = methods_at_budget(k, args, digits, counter, policy, ratios, cal_classes, cal_seeds)
         for name, family, setup in methods:
-            row = evaluate(name, family, setup, digits, counter, classes, seeds, reference, ref_features, classifier, args.runs, base)
+            row = evaluate(name, family, setup, digits, counter, classes, seeds, reference, ref_features, classifier,
+                           args.runs, base)
             rows.append({"budget": k, **row})
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

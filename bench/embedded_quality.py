@@ -44,7 +44,8 @@ def main() -> None:
     print("| check | value |")
     print("|---|---|")
     print(f"| classifier accuracy, {len(labels)} held-out real digits | {real_acc:.1%} |")
-    print(f"| intended class of {len(classes)} guided samples (guidance {pipe.guidance:g}, {pipe.steps} steps) | {sample_acc:.1%} |")
+    print(f"| intended class of {len(classes)} guided samples (guidance {pipe.guidance:g}, {pipe.steps} steps) | "
+          f"{sample_acc:.1%} |")
     print("| per class | " + " ".join(f"{c}:{a:.0%}" for c, a in enumerate(per_class)) + " |")
 
 

@@ -26,14 +26,13 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from recache.evaluation.report import write_jsonl
-from recache.io import write_text
-from recache.policies.reinforce import CHECKPOINT, LOG, read_log
+from recache.io import read_jsonl, write_jsonl, write_text
+from recache.policies.training import CHECKPOINT, LOG
 
-TRAIN = [sys.executable, "-m", "recache", "train", "--steps", "20", "--mechanism", "taylorseer", "--updates", "30", "--pairs", "2",
-         "--group", "4", "--pool", "8", "--k-min", "4", "--k-max", "10", "--seed", "11"]
-SEARCH = [sys.executable, "-m", "recache", "search", "--steps", "20", "--budget", "6", "--pairs", "4", "--sa-iters", "60", "--hc-iters", "3",
-          "--seed", "5"]
+TRAIN = [sys.executable, "-m", "recache", "train", "--steps", "20", "--mechanism", "taylorseer", "--updates", "30",
+         "--pairs", "2", "--group", "4", "--pool", "8", "--k-min", "4", "--k-max", "10", "--seed", "11"]
+SEARCH = [sys.executable, "-m", "recache", "search", "--steps", "20", "--budget", "6", "--pairs", "4",
+          "--sa-iters", "60", "--hc-iters", "3", "--seed", "5"]
 
 
 def step_of(folder: Path) -> int | None:
@@ -51,10 +50,10 @@ def kill_train(out: Path, sig: signal.Signals, rng: random.Random) -> dict:
             raise RuntimeError(f"training stopped before its first update: {proc.stderr.read()[-500:]}")
         time.sleep(0.01)
     target = rng.randint(1, 27)
-    while len(read_log(out / LOG)) < target:
+    while len(read_jsonl(out / LOG)) < target:
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.15))  # anywhere inside an update (one takes about 0.1 s here)
-    finished = len(read_log(out / LOG))
+    finished = len(read_jsonl(out / LOG))
     proc.send_signal(sig)
     _, err = proc.communicate()
     step = step_of(out)
@@ -115,15 +114,18 @@ def main() -> None:
     train = [r for r in rows if r["job"] == "train"]
     search = [r for r in rows if r["job"] == "search"]
     lost = [r["lost_updates"] for r in train if r["lost_updates"] is not None]
-    table = ("| job | kills (SIGINT / SIGKILL) | checkpoint or memo loaded | lost | temporary files left | resumed to the end | "
-             "same result as uninterrupted |\n|---|---|---|---|---|---|---|\n")
-    table += (f"| train | {sum(r['signal'] == 'SIGINT' for r in train)} / {sum(r['signal'] == 'SIGKILL' for r in train)} | "
+    table = ("| job | kills (SIGINT / SIGKILL) | checkpoint or memo loaded | lost | temporary files left | "
+             "resumed to the end | same result as uninterrupted |\n|---|---|---|---|---|---|---|\n")
+    table += (f"| train | {sum(r['signal'] == 'SIGINT' for r in train)} / "
+              f"{sum(r['signal'] == 'SIGKILL' for r in train)} | "
               f"{sum(r['checkpoint_updates'] is not None for r in train)} of {len(train)} | "
               f"{max(lost) if lost else 'n/a'} updates at most (finished ones; the one in progress is redone) | "
-              f"{sum(bool(r['temporary_files_left']) for r in train)} | {sum(r['resumed_exit'] == 0 for r in train)} of {len(train)} | "
+              f"{sum(bool(r['temporary_files_left']) for r in train)} | "
+              f"{sum(r['resumed_exit'] == 0 for r in train)} of {len(train)} | "
               f"{sum(r['bit_identical'] for r in train)} of {len(train)} bit-identical |\n")
-    table += (f"| search | {sum(r['signal'] == 'SIGINT' for r in search)} / {sum(r['signal'] == 'SIGKILL' for r in search)} | "
-              f"{len(search)} of {len(search)} | {max(r['memo_lines_at_signal'] - r['memo_lines_kept'] for r in search)} memo entries at most | "
+    table += (f"| search | {sum(r['signal'] == 'SIGINT' for r in search)} / "
+              f"{sum(r['signal'] == 'SIGKILL' for r in search)} | {len(search)} of {len(search)} | "
+              f"{max(r['memo_lines_at_signal'] - r['memo_lines_kept'] for r in search)} memo entries at most | "
               f"- | {sum(r['resumed_exit'] == 0 for r in search)} of {len(search)} | "
               f"{sum(r['same_schedule'] for r in search)} of {len(search)} same schedule |\n")
     write_text(out.with_suffix(".md"), table)

@@ -34,8 +34,9 @@ def main() -> None:
         pipe(classes, seeds)
         times.append(time.perf_counter() - start)
     result = {"batch": args.batch, "steps": args.steps, "guidance": pipe.guidance, "runs": args.runs,
-              "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4), "max_s": round(max(times), 4),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+              "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+              "max_s": round(max(times), 4), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine()}
     write_json(Path(args.out), result)
     print("| images | steps | guidance | median (s) | min (s) | max (s) | runs |")
     print("|---|---|---|---|---|---|---|")

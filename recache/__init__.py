@@ -3,7 +3,7 @@
 ``recache.enable(pipe, budget=...)``, ``recache.summary(pipe)`` and ``recache.disable(pipe)`` cache a diffusers
 pipeline (imported on first use, so ``import recache`` stays light)."""
 
-__version__ = "0.1.0"
+from recache._version import __version__
 
 _FACADE = ("enable", "disable", "refresh", "summary")
 

@@ -22,8 +22,9 @@ from recache.policies.recache import ReCachePolicy
 from recache.schedule import Budget, Schedule
 
 
-def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | ReCachePolicy | None = None, mechanism: str | None = None,
-           schedule: str | os.PathLike | Schedule | None = None, num_inference_steps: int | None = None):
+def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | ReCachePolicy | None = None,
+           mechanism: str | None = None, schedule: str | os.PathLike | Schedule | None = None,
+           num_inference_steps: int | None = None):
     """Cache ``pipe``'s transformer to ``budget`` full passes per generation (and per CFG branch).
 
     ``budget``: an int ``k``, a fraction of the steps in (0, 1] or a speed-up like ``"4x"``, resolved against each
@@ -38,11 +39,14 @@ def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | Re
     if isinstance(schedule, (str, os.PathLike)):
         schedule = Schedule.load(schedule)
     if schedule is not None and schedule.metadata.get("model") not in (None, model_fingerprint(transformer)):
-        raise RecacheError(f"the schedule was made for model {schedule.metadata['model']!r}, not {model_fingerprint(transformer)!r}")
+        raise RecacheError(f"the schedule was made for model {schedule.metadata['model']!r}, "
+                           f"not {model_fingerprint(transformer)!r}")
     if mechanism is None:
-        mechanism = policy.config.mechanism if policy is not None else (schedule.metadata.get("mechanism") if schedule else None) or "taylorseer"
+        mechanism = (policy.mechanism if policy is not None
+                     else (schedule.metadata.get("mechanism") if schedule else None) or "taylorseer")
     apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
-                                                 num_inference_steps=num_inference_steps, steps_source=pipeline_steps(pipe)))
+                                                 num_inference_steps=num_inference_steps,
+                                                 steps_source=pipeline_steps(pipe)))
     return pipe
 
 
@@ -85,8 +89,10 @@ class CacheSummary:
         lines = [f"recache ({self.mechanism}), {self.generations} generation(s) finished; last:"]
         for name, r in self.last.items():
             done = len(r["computed_steps"])
-            lines.append(f"  {name}: {done} computed / {r['cached_steps']} cached of T={r['T']} (budget k={r['k']}, {r['source']} schedule), "
-                         f"computed steps {r['computed_steps']}, speed-up {r['T'] / max(done, 1):.2f}x in transformer passes")
+            lines.append(f"  {name}: {done} computed / {r['cached_steps']} cached of T={r['T']} "
+                         f"(budget k={r['k']}, {r['source']} schedule), "
+                         f"computed steps {r['computed_steps']}, speed-up {r['T'] / max(done, 1):.2f}x "
+                         "in transformer passes")
         return "\n".join(lines)
 
 

@@ -42,7 +42,8 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
         _restore(tensors, meta, modules, optimizer, generators)
         return int(meta["step"]), dict(meta["extra"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise RecacheError(f"checkpoint {path} does not fit this run ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); "
+        raise RecacheError(f"checkpoint {path} does not fit this run "
+                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); "
                            "delete it to start afresh") from None
 
 

@@ -30,7 +30,8 @@ class RankLost(RecacheError):
 
 
 def init() -> bool:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU); True when distributed."""
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU); True when
+    distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
@@ -101,7 +102,8 @@ def _collective(name: str, op, tensor: torch.Tensor | None = None):
     except RankLost:
         raise
     except (RuntimeError, dist.DistError) as e:
-        reason = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0]  # gloo: "[file:line] why. hint"
+        # gloo: "[file:line] why. hint"
+        reason = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0]
         raise RankLost(f"rank {rank()} lost contact with another rank during {name} ({reason})") from None
     return on
 
@@ -193,12 +195,15 @@ def launch(nproc: int, argv: list[str], command: str) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report is replaced by ours
     try:
-        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "recache", *_without_nproc(argv)]))
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "recache",
+                                          *_without_nproc(argv)]))
     except ChildFailedError as e:
         failures = sorted(e.failures.items())
         if all(f.exitcode == 2 for _, f in failures):  # a user error, which the ranks have printed
             return 2
-        how = [f"rank {r} {'was killed by ' + f.signal_name() if f.exitcode < 0 else f'exited with status {f.exitcode}'}" for r, f in failures]
+        how = [f"rank {r} "
+               f"{'was killed by ' + f.signal_name() if f.exitcode < 0 else f'exited with status {f.exitcode}'}"
+               for r, f in failures]
         print(f"recache {command}: {', '.join(how)} (of {nproc} ranks); the run stopped", file=sys.stderr)
         return 1
     return 0

@@ -6,11 +6,11 @@ from hypothesis import strategies as st
 from recache.cli import main
 from recache.errors import RecacheError
 from recache.mechanisms import get_mechanism
+from recache.policies.alignment import AlignConfig, MonotoneSigmas, align_sigmas
 from recache.sampling.cached import sample_cached
 from recache.sampling.pipeline import DigitPipeline
 from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule
-from recache.schedule.alignment import AlignConfig, MonotoneSigmas, align_sigmas
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def test_gradients_reach_the_sigmas_through_the_cached_sampler(pipe):
     masks = Schedule.from_steps(10, [0, 4, 8]).as_tensor()[None]
     pipe.model.requires_grad_(False)
     try:
-        out, passes = sample_cached(pipe.model, pipe.noise([0]), grid(), torch.tensor([3]), masks, get_mechanism("taylorseer"), pipe.guidance)
+        out, passes = sample_cached(pipe.model, pipe.noise([0]), grid(), torch.tensor([3]), masks,
+                                    get_mechanism("taylorseer"), pipe.guidance)
         out.square().mean().backward()
     finally:
         pipe.model.requires_grad_(True)

@@ -76,7 +76,8 @@ def test_bad_search_settings(kwargs, pattern):
         SearchConfig(**kwargs)
 
 
-@pytest.mark.parametrize("k, pattern", [(30, "equals T: every step is computed"), (31, "budget k=31 is not allowed"), (0, "budget k=0")])
+@pytest.mark.parametrize("k, pattern", [(30, "equals T: every step is computed"), (31, "budget k=31 is not allowed"),
+                                        (0, "budget k=0")])
 def test_budgets_that_leave_nothing_to_search(k, pattern):
     with pytest.raises(RecacheError, match=pattern):
         BudCacheSearch(30, SearchConfig(k=k), _objective([]))
@@ -86,7 +87,8 @@ def test_search_on_the_embedded_model_writes_a_usable_schedule_and_resumes(tmp_p
     pipe = DigitPipeline.from_pretrained("mnist-dit", steps=10)
     config = SearchConfig(k=4, pairs=2, sa_iters=8, hc_iters=2)
     schedule, history = search_schedule(config, pipe, tmp_path, progress=False)
-    assert schedule.k == 4 and schedule.metadata["source"] == "budcache" and schedule.metadata["mechanism"] == "taylorseer"
+    assert (schedule.k == 4 and schedule.metadata["source"] == "budcache"
+            and schedule.metadata["mechanism"] == "taylorseer")
     assert schedule.metadata["search_loss"] == min(r["loss"] for r in history)
     saved = Schedule.load(tmp_path / "schedule.json", T=10, model="mnist-dit")
     assert saved.mask == schedule.mask

@@ -80,7 +80,8 @@ def test_console_script_exit_code(tmp_path):
 
 
 @pytest.mark.parametrize("argv, pattern", [
-    (["sample", "--budget", str(T + 1)], rf"budget k={T + 1} is not allowed: use a whole number of full passes from 1 to T={T}"),
+    (["sample", "--budget", str(T + 1)],
+     rf"budget k={T + 1} is not allowed: use a whole number of full passes from 1 to T={T}"),
     (["sample", "--budget", "5", "--steps", "4"], r"budget k=5 is not allowed.*T=4"),
     (["eval", "--budgets", "5,80", "--mechanisms", "reuse"], r"budget k=80 is not allowed"),
 ])
@@ -108,15 +109,16 @@ def test_schedule_file_errors(capsys, tmp_path):
     Schedule.uniform(20, 5).save(other)
     assert main(["eval", "--schedule", str(other), "--budgets", "5", "--out", str(tmp_path / "ev")]) == 2
     _check_one_line(capsys, rf"is for T=20 steps, but this run has T={T}")
-    assert main(["sample", "--schedule", str(other), "--budget", "3", "--steps", "20", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["sample", "--schedule", str(other), "--budget", "3", "--steps", "20",
+                 "--out", str(tmp_path / "x.png")]) == 2
     _check_one_line(capsys, r"either --schedule or --budget")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_sample_with_budget_reports_realised_passes(capsys, tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--budget", "4", "--steps", "12", "--mechanism", "taylorseer", "--classes", "2", "--per-class", "2",
-                 "--out", str(out)]) == 0
+    assert main(["sample", "--budget", "4", "--steps", "12", "--mechanism", "taylorseer", "--classes", "2",
+                 "--per-class", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "realised full passes per sample: 4 (taylorseer, uniform schedule, computed steps [0, 4, 7, 11])" in text
     assert out.is_file()
@@ -126,8 +128,8 @@ def test_eval_writes_rows_table_and_plot(capsys, tmp_path):
     schedule = tmp_path / "mine.json"
     Schedule.from_steps(10, [0, 1, 5]).save(schedule)
     out = tmp_path / "ev"
-    assert main(["eval", "--steps", "10", "--budgets", "3", "--mechanisms", "reuse,step-skip", "--schedule", str(schedule),
-                 "--per-class", "1", "--timing-runs", "0", "--out", str(out)]) == 0
+    assert main(["eval", "--steps", "10", "--budgets", "3", "--mechanisms", "reuse,step-skip",
+                 "--schedule", str(schedule), "--per-class", "1", "--timing-runs", "0", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 10
     assert {r["policy"] for r in rows} == {"uniform", "file:mine"}
@@ -153,7 +155,8 @@ def test_eval_with_heuristics_notes_unreachable_budgets_and_resumes(capsys, tmp_
             "--calibration-pairs", "2", "--per-class", "1", "--timing-runs", "0", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "note: fixed-interval cannot reach k = 14 on the calibration pairs; evaluated at the closest it reaches, mean k = 13.00" in text
+    assert ("note: fixed-interval cannot reach k = 14 on the calibration pairs; evaluated at the closest it reaches, "
+            "mean k = 13.00" in text)
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     assert {(r["policy"], r["mechanism"]) for r in rows} == {("uniform", "reuse"), ("fixed-interval", "reuse"),
                                                              ("first-block-cache", "first-block + reuse")}
@@ -162,7 +165,8 @@ def test_eval_with_heuristics_notes_unreachable_budgets_and_resumes(capsys, tmp_
     assert all(sum(r["mask"]) == r["full_passes"] for r in rows)
     for png in ("schedules_k14.png", "samples_k14.png", "quality_vs_realised_k.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (out / "calibrations").iterdir()) == ["first-block-cache-k14.json", "fixed-interval-k14.json"]
+    assert sorted(p.name for p in (out / "calibrations").iterdir()) == ["first-block-cache-k14.json",
+                                                                        "fixed-interval-k14.json"]
     # --resume keeps what is already in rows.jsonl (marked here) and evaluates nothing again
     marked = [{**r, "psnr": -1.0} for r in rows]
     (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
@@ -176,7 +180,8 @@ def test_calibrate_command(capsys, tmp_path):
     assert "(k = 5 is out of its reach: this is the closest)" in capsys.readouterr().out
     assert json.loads(out.read_text())["heuristic"] == "magcache"
     _fails(capsys, ["calibrate", "--heuristic", "fastcache", "--budget", "5"], r"invalid choice: 'fastcache'")
-    assert main(["calibrate", "--heuristic", "teacache", "--budget", str(T + 1), "--out", str(tmp_path / "t.json")]) == 2
+    assert main(["calibrate", "--heuristic", "teacache", "--budget", str(T + 1),
+                 "--out", str(tmp_path / "t.json")]) == 2
     _check_one_line(capsys, rf"budget k={T + 1} is not allowed")
     assert not (tmp_path / "t.json").exists()
 
@@ -189,7 +194,8 @@ def test_calibrate_output_not_writable(capsys, tmp_path, monkeypatch, out, patte
     """Checked before calibrating: one line, exit status 2, nothing written."""
     (tmp_path / "file").write_text("")
     (tmp_path / "folder").mkdir()
-    monkeypatch.setattr("recache.cli.calibrate.calibrate", lambda *a, **k: pytest.fail("calibrated before checking the output"))
+    monkeypatch.setattr("recache.cli.calibrate.calibrate",
+                        lambda *a, **k: pytest.fail("calibrated before checking the output"))
     assert main(["calibrate", "--heuristic", "teacache", "--budget", "10", "--out", str(tmp_path / out)]) == 2
     _check_one_line(capsys, pattern)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
@@ -239,8 +245,8 @@ def policy_folder(tmp_path):
 
 def test_sample_and_eval_with_a_policy(capsys, tmp_path, policy_folder):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--policy", str(policy_folder), "--budget", "4", "--steps", "10", "--classes", "3", "--per-class", "1",
-                 "--out", str(out)]) == 0
+    assert main(["sample", "--policy", str(policy_folder), "--budget", "4", "--steps", "10", "--classes", "3",
+                 "--per-class", "1", "--out", str(out)]) == 0
     assert "realised full passes per sample: 4 (hicache, recache schedule" in capsys.readouterr().out
     ev = tmp_path / "ev"
     assert main(["eval", "--steps", "10", "--budgets", "3,5", "--mechanisms", "reuse", "--policy", str(policy_folder),
@@ -255,8 +261,8 @@ def test_sample_and_eval_with_a_policy(capsys, tmp_path, policy_folder):
 
 def test_eval_pairs_a_policy_with_uniform(capsys, tmp_path, policy_folder):
     ev = tmp_path / "ev"
-    assert main(["eval", "--steps", "10", "--budgets", "4", "--mechanisms", "hicache", "--policy", str(policy_folder), "--nested",
-                 "--per-class", "1", "--timing-runs", "0", "--out", str(ev)]) == 0
+    assert main(["eval", "--steps", "10", "--budgets", "4", "--mechanisms", "hicache", "--policy", str(policy_folder),
+                 "--nested", "--per-class", "1", "--timing-runs", "0", "--out", str(ev)]) == 0
     paired = json.loads((ev / "summary.json").read_text())["paired"]
     assert [(e["policy"], e["k"], e["n"]) for e in paired] == [("recache-nested", 4, 10)]
     assert paired[0]["rel_l2"]["verdict"] in ("better", "worse", "tie")
@@ -279,8 +285,8 @@ def test_policy_errors(capsys, tmp_path, policy_folder, extra, pattern):
 
 
 def test_policy_extrapolation_when_allowed(capsys, tmp_path, policy_folder):
-    assert main(["sample", "--policy", str(policy_folder), "--steps", "10", "--budget", "8", "--allow-extrapolate", "--classes", "1",
-                 "--per-class", "1", "--out", str(tmp_path / "x.png")]) == 0
+    assert main(["sample", "--policy", str(policy_folder), "--steps", "10", "--budget", "8", "--allow-extrapolate",
+                 "--classes", "1", "--per-class", "1", "--out", str(tmp_path / "x.png")]) == 0
     assert "realised full passes per sample: 8" in capsys.readouterr().out
 
 

@@ -20,18 +20,20 @@ from safetensors.torch import load_file
 from recache import distributed
 from recache.checkpoint import load_checkpoint
 from recache.cli import main
-from recache.policies.reinforce import CHECKPOINT, read_log
+from recache.io import read_jsonl
+from recache.policies.recache import ReCacheConfig, ReCachePolicy
+from recache.policies.training import CHECKPOINT
 
 TRAIN = ["train", "--steps", "8", "--k-min", "2", "--k-max", "5", "--group", "3", "--pool", "4", "--seed", "7"]
-EVAL = ["eval", "--steps", "8", "--budgets", "3", "--mechanisms", "reuse,taylorseer", "--per-class", "1", "--timing-runs", "0",
-        "--heuristics", "teacache,magcache", "--calibration-pairs", "4"]
+EVAL = ["eval", "--steps", "8", "--budgets", "3", "--mechanisms", "reuse,taylorseer", "--per-class", "1",
+        "--timing-runs", "0", "--heuristics", "teacache,magcache", "--calibration-pairs", "4"]
 SEARCH = ["search", "--steps", "10", "--budget", "4", "--pairs", "4", "--sa-iters", "20", "--hc-iters", "2"]
 WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _two_ranks(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recache", *args, "--nproc", "2"], cwd=cwd, env=WORKER_ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "recache", *args, "--nproc", "2"], cwd=cwd, env=WORKER_ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -51,13 +53,15 @@ def test_blocks_split_the_items_in_order_with_sizes_within_one(n, w):
 
 
 def test_one_process_is_rank_zero_of_one_and_the_collectives_are_identities():
-    assert (distributed.rank(), distributed.world_size(), distributed.is_main(), distributed.shard(5)) == (0, 1, True, slice(0, 5))
+    assert ((distributed.rank(), distributed.world_size(), distributed.is_main(), distributed.shard(5))
+            == (0, 1, True, slice(0, 5)))
     x = torch.arange(3.0)
     assert distributed.all_reduce_sum(x) is x and distributed.all_gather_rows(x) is x
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}] and distributed.broadcast_from_main(7) == 7
 
 
-@pytest.mark.parametrize("argv", [["--nproc", "2", "-x"], ["--nproc=2", "-x"], ["--npr", "2", "-x"], ["-x", "--nproc", "2"]])
+@pytest.mark.parametrize("argv", [["--nproc", "2", "-x"], ["--nproc=2", "-x"], ["--npr", "2", "-x"],
+                                  ["-x", "--nproc", "2"]])
 def test_the_workers_get_the_arguments_without_nproc(argv):
     assert distributed._without_nproc(argv) == ["-x"]
 
@@ -73,11 +77,18 @@ def test_two_ranks_of_one_pair_train_the_policy_one_rank_of_two_pairs_trains(tmp
     assert main([*TRAIN, "--updates", "3", "--pairs", "2", "--out", str(tmp_path / "one")]) == 0
     two = _two_ranks([*TRAIN, "--updates", "3", "--pairs", "1", "--out", "two"], tmp_path)
     assert two.returncode == 0, two.stderr[-2000:]
-    one_w, two_w = load_file(tmp_path / "one/policy/model.safetensors"), load_file(tmp_path / "two/policy/model.safetensors")
+    one_w, two_w = (load_file(tmp_path / "one/policy/model.safetensors"),
+                    load_file(tmp_path / "two/policy/model.safetensors"))
     assert one_w.keys() == two_w.keys()
+    torch.manual_seed(7)  # the run's --seed: the initial weights
+    start = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=5)).state_dict()
     for name in one_w:
-        assert torch.allclose(one_w[name], two_w[name], rtol=0, atol=1e-5), (name, (one_w[name] - two_w[name]).abs().max())
-    one_log, two_log = read_log(tmp_path / "one/train_log.jsonl"), read_log(tmp_path / "two/train_log.jsonl")
+        # Rounding differs between one batch of 2 pairs and 2 ranks of 1, and Adam amplifies it where gradients are
+        # near zero: measured 1.5e-6 and 1.35e-5 on two CPUs, against weights that moved by 5e-3 to 9e-3. A rank that
+        # missed the other's gradient would move them by the step size itself (lr = 3e-3).
+        gap, moved = (one_w[name] - two_w[name]).abs().max(), (one_w[name] - start[name]).abs().max()
+        assert gap <= 1e-2 * moved, (name, gap, moved)
+    one_log, two_log = read_jsonl(tmp_path / "one/train_log.jsonl"), read_jsonl(tmp_path / "two/train_log.jsonl")
     assert [r["k"] for r in one_log] == [r["k"] for r in two_log]  # the same 2 budgets per update, one on each rank
     assert [r["reward"] for r in one_log] == pytest.approx([r["reward"] for r in two_log], rel=1e-5)
     configs = [json.loads((tmp_path / f"{run}/policy/config.json").read_text()) for run in ("one", "two")]
@@ -93,10 +104,13 @@ def test_two_ranks_evaluate_the_table_one_rank_evaluates(tmp_path, one_thread, c
     assert two.returncode == 0, two.stderr[-2000:]
     one_rows = [json.loads(line) for line in (tmp_path / "one/rows.jsonl").read_text().splitlines()]
     two_rows = [json.loads(line) for line in (tmp_path / "two/rows.jsonl").read_text().splitlines()]
-    assert len(one_rows) == len(two_rows) == 5 * 10  # uniform and magcache with 2 mechanisms, teacache with its own fill
+    # uniform and magcache with 2 mechanisms, teacache with its own fill
+    assert len(one_rows) == len(two_rows) == 5 * 10
     for a, b in zip(one_rows, two_rows, strict=True):  # the same rows in the same order; metrics up to rounding
-        assert {k: v for k, v in a.items() if not isinstance(v, float)} == {k: v for k, v in b.items() if not isinstance(v, float)}
-        assert [v for v in a.values() if isinstance(v, float)] == pytest.approx([v for v in b.values() if isinstance(v, float)], rel=1e-4, abs=1e-5)
+        assert ({k: v for k, v in a.items() if not isinstance(v, float)}
+                == {k: v for k, v in b.items() if not isinstance(v, float)})
+        assert ([v for v in a.values() if isinstance(v, float)]
+                == pytest.approx([v for v in b.values() if isinstance(v, float)], rel=1e-4, abs=1e-5))
     one_sum, two_sum = (json.loads((tmp_path / f"{run}/summary.json").read_text())["summary"] for run in ("one", "two"))
     assert [(e["policy"], e["mechanism"], e["k"], e["n"], e["realised_k"]) for e in one_sum] == \
            [(e["policy"], e["mechanism"], e["k"], e["n"], e["realised_k"]) for e in two_sum]
@@ -108,10 +122,12 @@ def test_two_ranks_search_the_schedule_one_rank_searches(tmp_path, one_thread, c
     assert main([*SEARCH, "--out", str(tmp_path / "one")]) == 0
     two = _two_ranks([*SEARCH, "--out", "two"], tmp_path)
     assert two.returncode == 0, two.stderr[-2000:]
-    one_h, two_h = (read_log(tmp_path / f"{run}/history.jsonl") for run in ("one", "two"))
+    one_h, two_h = (read_jsonl(tmp_path / f"{run}/history.jsonl") for run in ("one", "two"))
     assert [h["steps"] for h in one_h] == [h["steps"] for h in two_h]
-    assert [h["loss"] for h in one_h] == pytest.approx([h["loss"] for h in two_h], rel=1e-6)
-    assert two.stdout.splitlines()[0] == capsys.readouterr().out.splitlines()[0]  # "k = 4 of 10 (taylorseer): computed steps [...]"
+    # each rank rolls out 2 of the 4 pairs: other batches, other rounding (up to 7e-6 relative, measured on this CPU)
+    assert [h["loss"] for h in one_h] == pytest.approx([h["loss"] for h in two_h], rel=1e-4)
+    # "k = 4 of 10 (taylorseer): computed steps [...]"
+    assert two.stdout.splitlines()[0] == capsys.readouterr().out.splitlines()[0]
 
 
 def test_a_user_error_on_two_ranks_is_one_line_per_rank_without_traceback(tmp_path):
@@ -135,10 +151,11 @@ def _worker(launcher: int, rank: int) -> int | None:
 
 def test_a_rank_killed_mid_run_stops_the_other_with_one_line_and_the_checkpoint_intact(tmp_path):
     argv = [sys.executable, "-m", "recache", *TRAIN, "--updates", "60", "--pairs", "1", "--out", "run", "--nproc", "2"]
-    launcher = subprocess.Popen(argv, cwd=tmp_path, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(argv, cwd=tmp_path, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     checkpoint = tmp_path / "run" / CHECKPOINT
     deadline = time.monotonic() + 120
-    while not (checkpoint.exists() and len(read_log(tmp_path / "run/train_log.jsonl")) >= 2):
+    while not (checkpoint.exists() and len(read_jsonl(tmp_path / "run/train_log.jsonl")) >= 2):
         assert launcher.poll() is None and time.monotonic() < deadline, "the training did not start"
         time.sleep(0.05)
     os.kill(_worker(launcher.pid, 1), signal.SIGKILL)
@@ -150,12 +167,16 @@ def test_a_rank_killed_mid_run_stops_the_other_with_one_line_and_the_checkpoint_
     from recache.policies.recache import ReCacheConfig, ReCachePolicy
 
     policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=5))
-    step, extra = load_checkpoint(checkpoint, {"policy": policy}, torch.optim.Adam(policy.parameters()), {"train": torch.Generator()})
-    assert extra["ranks"] == 2 and step == len(read_log(tmp_path / "run/train_log.jsonl")) >= 2
+    step, extra = load_checkpoint(checkpoint, {"policy": policy}, torch.optim.Adam(policy.parameters()),
+                                  {"train": torch.Generator()})
+    assert extra["ranks"] == 2 and step == len(read_jsonl(tmp_path / "run/train_log.jsonl")) >= 2
     assert f"{step} updates" in survivor[0]
-    refused = subprocess.run(argv[:-2] + ["--resume"], cwd=tmp_path, env=WORKER_ENV, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "was trained on 2 ranks" in refused.stderr and "resume it with --nproc 2" in refused.stderr
-    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, env=WORKER_ENV, capture_output=True, text=True, timeout=240)
+    refused = subprocess.run(argv[:-2] + ["--resume"], cwd=tmp_path, env=WORKER_ENV, capture_output=True, text=True,
+                             timeout=120)
+    assert (refused.returncode == 2 and "was trained on 2 ranks" in refused.stderr
+            and "resume it with --nproc 2" in refused.stderr)
+    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, env=WORKER_ENV, capture_output=True, text=True,
+                             timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [row["update"] for row in read_log(tmp_path / "run/train_log.jsonl")] == list(range(60))
+    assert [row["update"] for row in read_jsonl(tmp_path / "run/train_log.jsonl")] == list(range(60))
     assert (tmp_path / "run/policy/model.safetensors").exists()

@@ -74,7 +74,8 @@ def test_registry_configs_build():
     assert DIT_CONFIGS["DiT-T/4"].depth >= 4
 
 
-@pytest.mark.parametrize("kwargs, word", [({"image_size": 10, "patch_size": 4}, "patch_size"), ({"hidden_size": 30, "num_heads": 4}, "num_heads")])
+@pytest.mark.parametrize("kwargs, word", [({"image_size": 10, "patch_size": 4}, "patch_size"),
+                                          ({"hidden_size": 30, "num_heads": 4}, "num_heads")])
 def test_config_validation(kwargs, word):
     with pytest.raises(ValueError, match=word):
         DiTConfig(**kwargs)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from recache.errors import RecacheError
-from recache.evaluation.protocol import heldout_pairs
 from recache.metrics.classifier import classifier_scores
 from recache.models.flux_digits import WEIGHTS, FluxDigitsPipeline, pack, unpack, velocity
 from recache.models.pretrained import load_classifier
+from recache.protocol import heldout_pairs
 
 FEW = 4  # sampling steps where only shapes and bits matter
 
@@ -23,9 +23,10 @@ def test_shipped_folder_is_flat_small_and_diffusers_loadable():
     from diffusers import FluxTransformer2DModel
 
     names = {p.name for p in WEIGHTS.iterdir()}
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "class_embeddings.safetensors", "recache.json", "MODEL_CARD.md",
-            "samples.png"} <= names
-    assert all(p.is_file() and p.suffix in {".safetensors", ".json", ".md", ".png"} for p in WEIGHTS.iterdir())  # package-data globs
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "class_embeddings.safetensors", "recache.json",
+            "MODEL_CARD.md", "samples.png"} <= names
+    # package-data globs
+    assert all(p.is_file() and p.suffix in {".safetensors", ".json", ".md", ".png"} for p in WEIGHTS.iterdir())
     assert sum(p.stat().st_size for p in WEIGHTS.iterdir()) < 6e6
     assert isinstance(FluxTransformer2DModel.from_pretrained(WEIGHTS), FluxTransformer2DModel)
 
@@ -51,7 +52,8 @@ def test_shapes_and_call_kwargs(pipe):
     assert torch.equal(kwargs["negative_prompt_embeds"][0], kwargs["negative_prompt_embeds"][1])
     images = pipe([1, 2], [3, 4], num_inference_steps=FEW)
     assert images.shape == (2, 1, 20, 20)
-    latents = pipe.pipe(**kwargs, latents=noise, num_inference_steps=FEW, output_type="latent").images  # the diffusers call itself
+    # the diffusers call itself
+    latents = pipe.pipe(**kwargs, latents=noise, num_inference_steps=FEW, output_type="latent").images
     assert torch.equal(unpack(latents), images)
 
 
@@ -59,7 +61,8 @@ def test_bit_identical_and_independent_of_the_batch(pipe):
     a = pipe([0, 5, 9], [11, 12, 13], num_inference_steps=FEW)
     assert torch.equal(a, pipe([0, 5, 9], [11, 12, 13], num_inference_steps=FEW))
     alone = pipe([5], [12], num_inference_steps=FEW)
-    torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=1e-5)  # same noise and class; only matmul batch sizes differ
+    # same noise and class; only matmul batch sizes differ
+    torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a[0], a[2])
 
 

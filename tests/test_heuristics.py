@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recache.errors import RecacheError
-from recache.evaluation import calibration_pairs
 from recache.evaluation.compare import heuristic_methods
 from recache.policies.heuristics import HEURISTICS, OnlineHeuristic, get_heuristic
 from recache.policies.heuristics.base import relative_l1
@@ -16,6 +15,7 @@ from recache.policies.heuristics.calibrate import Calibration, calibrate, realis
 from recache.policies.heuristics.fixed_interval import FixedInterval
 from recache.policies.heuristics.magcache import MagCache, magnitude_ratios
 from recache.policies.heuristics.teacache import TeaCache
+from recache.protocol import calibration_pairs
 from recache.sampling.pipeline import DigitPipeline
 from recache.sampling.sigmas import get_sigmas
 
@@ -57,7 +57,8 @@ def test_a_huge_threshold_computes_only_the_forced_steps(tiny_pipe, name, forced
 
 @pytest.mark.parametrize("name", ONLINE)
 def test_realised_passes_are_the_steps_where_the_last_block_ran(pipe, name):
-    """Count rows through the last block with a hook: it runs exactly on the computed steps of each sample (x2 for CFG)."""
+    """Count rows through the last block with a hook: it runs exactly on the computed steps of each sample (x2 for
+    CFG)."""
     calibration = calibrate(name, 10, pipe, *calibration_pairs(4), iterations=6, progress=False)
     rows_seen = []
     hook = pipe.model.blocks[-1].register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[0]))
@@ -107,14 +108,16 @@ def test_magnitude_ratios_are_measured_on_the_model(tiny_pipe):
 def test_teacache_fits_a_polynomial_on_the_model(tiny_pipe):
     options = TeaCache.fit(tiny_pipe, torch.tensor([1, 2]), [3, 4], {})
     assert len(options["coefficients"]) == 5 and options["coefficients"] != [0.0, 0.0, 0.0, 1.0, 0.0]
-    assert TeaCache.fit(tiny_pipe, torch.tensor([1]), [3], {"coefficients": [1, 2, 3, 4, 5]})["coefficients"] == [1, 2, 3, 4, 5]
+    assert TeaCache.fit(tiny_pipe, torch.tensor([1]), [3],
+                        {"coefficients": [1, 2, 3, 4, 5]})["coefficients"] == [1, 2, 3, 4, 5]
 
 
 def test_calibration_reaches_the_budget_and_round_trips(pipe, tmp_path):
     classes, seeds = calibration_pairs(8)
     calibration = calibrate("teacache", 10, pipe, classes, seeds, progress=False)
     assert calibration.reachable and abs(calibration.mean_k - 10) <= 0.5
-    assert abs(float(realised_passes(calibration.build(), pipe, classes, seeds).float().mean()) - calibration.mean_k) < 1e-9
+    assert abs(float(realised_passes(calibration.build(), pipe, classes, seeds).float().mean())
+               - calibration.mean_k) < 1e-9
     calibration.save(tmp_path / "c.json")
     assert Calibration.load(tmp_path / "c.json", T=50, model="mnist-dit") == calibration
 
@@ -128,7 +131,8 @@ def test_bisection_stops_when_midpoints_repeat(pipe):
     previous = signal.signal(signal.SIGALRM, stuck)
     signal.alarm(30)
     try:
-        calibration = calibrate("magcache", 5, pipe, *calibration_pairs(2), {"ratios": [1.0] + [0.99] * 49}, iterations=500, progress=False)
+        calibration = calibrate("magcache", 5, pipe, *calibration_pairs(2), {"ratios": [1.0] + [0.99] * 49},
+                                iterations=500, progress=False)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -139,7 +143,8 @@ def test_a_saved_calibration_is_reused_only_when_everything_matches(tiny_dit, tm
     """A calibration saved for another guidance, T or number of pairs (or in an older format) is redone and
     overwritten, neither reused nor an error. The marker: a saved interval of 5 instead of the calibrated 3."""
     def run(pipe, pairs=2):
-        (method,) = heuristic_methods(["fixed-interval"], [4], pipe, ["reuse"], tmp_path, pairs=pairs, progress=False)[0]
+        (method,) = heuristic_methods(["fixed-interval"], [4], pipe, ["reuse"], tmp_path, pairs=pairs,
+                                      progress=False)[0]
         return method.schedule.steps
 
     def mark(**changes):
@@ -157,15 +162,18 @@ def test_a_saved_calibration_is_reused_only_when_everything_matches(tiny_dit, tm
     assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny")) == [0, 4, 8, 12]
     assert json.loads(path.read_text())["T"] == 16
     mark()
-    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny"), pairs=3) == [0, 4, 8, 12]
+    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny"),
+               pairs=3) == [0, 4, 8, 12]
     mark(format="recache.heuristic/v1")
-    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny"), pairs=3) == [0, 4, 8, 12]
+    assert run(DigitPipeline(tiny_dit, get_sigmas("linear", 16), guidance=3.0, model_id="tiny"),
+               pairs=3) == [0, 4, 8, 12]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # overwritten in place, no temporary file left
 
 
 def test_calibration_records_what_it_depends_on(tiny_pipe):
     calibration = calibrate("dicache", 6, tiny_pipe, *calibration_pairs(2), iterations=4, progress=False)
-    assert (calibration.model, calibration.T, calibration.guidance, calibration.sigmas, calibration.pairs) == ("tiny", 12, 2.0, "linear", 2)
+    assert ((calibration.model, calibration.T, calibration.guidance, calibration.sigmas, calibration.pairs)
+            == ("tiny", 12, 2.0, "linear", 2))
     assert calibration.settings == {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0}
     assert calibration.matches("dicache", 6, tiny_pipe, 2)
     assert not calibration.matches("dicache", 6, tiny_pipe, 2, {"mode": "delta_y"})
@@ -196,8 +204,8 @@ def test_unreachable_budgets_report_the_closest(pipe):
 def test_bad_calibration_files(tmp_path, edit, pattern):
     data = {"format": "recache.heuristic/v2", "heuristic": "dicache", "threshold": 0.1,
             "options": {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0},
-            "target_k": 10, "mean_k": 10.0, "pairs": 32, "model": "mnist-dit", "T": 50, "guidance": 4.0, "sigmas": "linear",
-            "settings": {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0}}
+            "target_k": 10, "mean_k": 10.0, "pairs": 32, "model": "mnist-dit", "T": 50, "guidance": 4.0,
+            "sigmas": "linear", "settings": {"probe_depth": 1, "mode": "delta_minus", "retention": 0.0}}
     edit(data)
     (tmp_path / "c.json").write_text(json.dumps(data))
     with pytest.raises(RecacheError, match=pattern):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_diffusers import euler_loop, tiny_flux_pipeline, tiny_flux_transformer, tiny_sd3_transformer, tiny_wan_transformer, transformer_inputs
+from tiny_diffusers import (
+    euler_loop,
+    tiny_flux_pipeline,
+    tiny_flux_transformer,
+    tiny_sd3_transformer,
+    tiny_wan_transformer,
+    transformer_inputs,
+)
 
 import recache
 from recache.errors import RecacheError
@@ -62,7 +69,8 @@ def test_full_budget_is_exact_and_blocks_run_k_times(model, mechanism):
 @pytest.mark.parametrize("mechanism", ["reuse", "taylorseer"])
 def test_half_precision_stays_half_precision(mechanism):
     transformer = tiny_flux_transformer().to(torch.bfloat16)
-    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in transformer_inputs(transformer).items()}
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+              for k, v in transformer_inputs(transformer).items()}
     reference = euler_loop(transformer, 10, inputs).float()
     apply_recache(transformer, RecacheHookConfig(budget=4, mechanism=mechanism, num_inference_steps=10))
     out = euler_loop(transformer, 10, inputs)
@@ -93,7 +101,8 @@ def test_pipeline_full_budget_equals_uncached_and_each_cfg_branch_runs_k(flux_pi
         runs[0] = 0
         recache.disable(flux_pipe)
         recache.enable(flux_pipe, budget=4, mechanism="reuse")
-        flux_images(flux_pipe, 10, negative_prompt="dog", true_cfg_scale=2.0)  # true CFG: a "cond" and an "uncond" call per step
+        # true CFG: a "cond" and an "uncond" call per step
+        flux_images(flux_pipe, 10, negative_prompt="dog", true_cfg_scale=2.0)
         summary = recache.summary(flux_pipe)
         assert summary.full_passes == {"cond": 4, "uncond": 4}
         assert runs[0] == 2 * 4 * n_blocks
@@ -135,7 +144,8 @@ def test_cached_calls_are_deterministic_and_independent_of_earlier_calls(flux_pi
 
 def flux_policy(transformer, T=10) -> ReCachePolicy:
     torch.manual_seed(0)
-    policy = ReCachePolicy(ReCacheConfig(T=T, k_min=2, k_max=8, model=model_fingerprint(transformer), mechanism="taylorseer"))
+    policy = ReCachePolicy(ReCacheConfig(T=T, k_min=2, k_max=8, model=model_fingerprint(transformer),
+                                         mechanism="taylorseer"))
     torch.nn.init.normal_(policy.mlp[-1].weight)  # an untrained but non-uniform policy
     return policy
 
@@ -173,7 +183,8 @@ def test_fixed_schedule_must_match_the_step_count(flux_pipe):
     finally:
         recache.disable(flux_pipe)
     exported = Schedule.from_dict(schedule.to_dict()).to_cache_dit()
-    assert exported["steps_computation_mask"] == [1, 0, 1, 0, 0, 1, 0, 0, 0, 1] and exported["num_inference_steps"] == 10
+    assert (exported["steps_computation_mask"] == [1, 0, 1, 0, 0, 1, 0, 0, 0, 1]
+            and exported["num_inference_steps"] == 10)
     assert exported["steps_computation_policy"] == "static" and exported["max_warmup_steps"] == 0
 
 
@@ -199,7 +210,8 @@ def test_bad_input_is_refused_and_leaves_the_pipeline_unmodified(flux_pipe, kwar
 
 
 def test_unsupported_transformer_is_named_with_the_supported_ones():
-    with pytest.raises(RecacheError, match=r"transformer Linear is not supported; supported: FluxTransformer2DModel, WanTransformer3DModel"):
+    with pytest.raises(RecacheError, match=r"transformer Linear is not supported; "
+                                           r"supported: FluxTransformer2DModel, WanTransformer3DModel"):
         recache.enable(torch.nn.Linear(2, 2), budget=3)
 
 

@@ -19,7 +19,8 @@ def _tiny_run(model, schedule_masks, mechanism, guidance=2.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = schedule_masks.shape[0]
     noise, y = torch.randn(rows, 1, 8, 8, generator=g), torch.arange(rows) % 10
-    return sample_cached(model, noise, get_sigmas_linear(schedule_masks.shape[1]), y, schedule_masks, get_mechanism(mechanism), guidance)
+    return sample_cached(model, noise, get_sigmas_linear(schedule_masks.shape[1]), y, schedule_masks,
+                         get_mechanism(mechanism), guidance)
 
 
 @pytest.mark.parametrize("mechanism", ALL)
@@ -28,7 +29,8 @@ def test_full_budget_is_the_uncached_result_bit_for_bit(tiny_dit, mechanism):
     g = torch.Generator().manual_seed(0)
     noise, y = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([1, 2, 3])
     reference, _ = sample_cached(tiny_dit, noise, get_sigmas_linear(T), y, guidance=2.0)
-    out, passes = sample_cached(tiny_dit, noise, get_sigmas_linear(T), y, torch.ones(3, T, dtype=torch.bool), get_mechanism(mechanism), 2.0)
+    out, passes = sample_cached(tiny_dit, noise, get_sigmas_linear(T), y, torch.ones(3, T, dtype=torch.bool),
+                                get_mechanism(mechanism), 2.0)
     assert torch.equal(out, reference)
     assert passes.tolist() == [T] * 3
 
@@ -42,7 +44,8 @@ def test_uncached_sampler_is_euler_on_the_model_forward(tiny_dit):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(2, 16).flatmap(lambda T: st.tuples(st.just(T), st.lists(st.booleans(), min_size=T - 1, max_size=T - 1))),
+@given(st.integers(2, 16).flatmap(lambda T: st.tuples(st.just(T),
+                                                      st.lists(st.booleans(), min_size=T - 1, max_size=T - 1))),
        st.sampled_from(ALL))
 def test_realised_full_passes_equal_k(tiny_dit, Tmask, mechanism):
     T, rest = Tmask
@@ -64,19 +67,22 @@ def test_blocks_run_exactly_k_times(tiny_dit, mechanism):
         h.remove()
     cached = [i for i in range(10) if i not in schedule.steps]
     if mechanism == "delta":  # by design: front half at early cached steps (i < T/2), rear half at late ones
-        assert (len(first), len(last)) == (schedule.k + sum(i < 5 for i in cached), schedule.k + sum(i >= 5 for i in cached))
+        assert (len(first), len(last)) == (schedule.k + sum(i < 5 for i in cached),
+                                           schedule.k + sum(i >= 5 for i in cached))
     else:
         assert len(first) == len(last) == schedule.k
 
 
 @pytest.mark.parametrize("mechanism", ALL)
 def test_batched_rollouts_equal_separate_runs(tiny_dit, mechanism):
-    masks = torch.stack([Schedule.from_steps(10, s).as_tensor() for s in ([0, 2, 5, 9], [0, 1, 2, 3], [0, 7], [0, 4, 6, 8, 9])])
+    masks = torch.stack([Schedule.from_steps(10, s).as_tensor()
+                         for s in ([0, 2, 5, 9], [0, 1, 2, 3], [0, 7], [0, 4, 6, 8, 9])])
     g = torch.Generator().manual_seed(3)
     noise, y = torch.randn(1, 1, 8, 8, generator=g).repeat(4, 1, 1, 1), torch.tensor([5] * 4)
     batched, passes = sample_cached(tiny_dit, noise, get_sigmas_linear(10), y, masks, get_mechanism(mechanism), 2.0)
     for i in range(4):
-        single, _ = sample_cached(tiny_dit, noise[i:i + 1], get_sigmas_linear(10), y[i:i + 1], masks[i:i + 1], get_mechanism(mechanism), 2.0)
+        single, _ = sample_cached(tiny_dit, noise[i:i + 1], get_sigmas_linear(10), y[i:i + 1], masks[i:i + 1],
+                                  get_mechanism(mechanism), 2.0)
         torch.testing.assert_close(batched[i:i + 1], single, atol=1e-5, rtol=0)
     assert passes.tolist() == masks.sum(1).tolist()
 
@@ -95,7 +101,8 @@ def test_taylorseer_is_exact_on_polynomials_with_uneven_gaps(order, coefficients
     for s in steps:
         mech.record(s, slice(None), h_in, h_in + poly(float(s)))
     for i in (steps[-1] + 1, steps[-1] + 3, steps[-1] + 6):
-        torch.testing.assert_close(mech.cached_pass(i, slice(None), h_in, None, []), poly(float(i)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mech.cached_pass(i, slice(None), h_in, None, []), poly(float(i)),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_taylorseer_falls_back_to_reuse_after_one_step():
@@ -116,7 +123,8 @@ def test_hermite_polynomials_and_hicache_damping():
     mech.reset(rows=1, steps=10)
     for s in (0, 2):
         mech.record(s, slice(None), torch.zeros(1, 1), torch.full((1, 1), float(s)))
-    torch.testing.assert_close(mech.cached_pass(4, slice(None), torch.zeros(1, 1), None, []), torch.tensor([[2.0 + 0.5 * 2.0]]))
+    torch.testing.assert_close(mech.cached_pass(4, slice(None), torch.zeros(1, 1), None, []),
+                               torch.tensor([[2.0 + 0.5 * 2.0]]))
 
 
 def test_unknown_mechanism_is_named():

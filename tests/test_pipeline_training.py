@@ -15,7 +15,8 @@ from recache.errors import RecacheError
 from recache.hooks import model_fingerprint
 from recache.metrics.reward import OutputReward
 from recache.policies.budcache import SearchConfig, search_schedule
-from recache.policies.reinforce import TrainConfig, train_recache
+from recache.policies.reinforce import TrainConfig
+from recache.policies.training import train_recache
 from recache.sampling.diffusers_rollouts import DiffusersRollouts
 from recache.schedule import Schedule
 
@@ -60,8 +61,8 @@ def test_short_recache_training_runs_end_to_end(rollouts, tmp_path):
 
 
 def test_short_budcache_search_runs_end_to_end(rollouts, tmp_path):
-    schedule, history = search_schedule(SearchConfig(k=3, mechanism="taylorseer", pairs=2, sa_iters=3, hc_iters=1), rollouts,
-                                        tmp_path / "search", progress=False)
+    schedule, history = search_schedule(SearchConfig(k=3, mechanism="taylorseer", pairs=2, sa_iters=3, hc_iters=1),
+                                        rollouts, tmp_path / "search", progress=False)
     assert (schedule.T, schedule.k) == (6, 3) and history
     assert schedule.metadata["search_loss"] <= min(row["loss"] for row in history)
     saved = Schedule.load(tmp_path / "search" / "schedule.json")
@@ -125,8 +126,9 @@ def saved_pipeline(tmp_path_factory):
 
 
 def test_cli_search_on_a_saved_pipeline(saved_pipeline, tmp_path, capsys):
-    code = main(["search", "--pipeline", str(saved_pipeline / "tinyflux"), "--prompts", str(saved_pipeline / "prompts.txt"), "--steps", "6",
-                 "--budget", "3", "--sa-iters", "2", "--hc-iters", "1", "--pairs", "2", "--height", "32", "--width", "32",
+    code = main(["search", "--pipeline", str(saved_pipeline / "tinyflux"),
+                 "--prompts", str(saved_pipeline / "prompts.txt"), "--steps", "6", "--budget", "3",
+                 "--sa-iters", "2", "--hc-iters", "1", "--pairs", "2", "--height", "32", "--width", "32",
                  "--out", str(tmp_path / "s")])
     assert code == 0
     assert Schedule.load(tmp_path / "s" / "schedule.json").k == 3
@@ -139,8 +141,8 @@ def test_cli_search_on_a_saved_pipeline(saved_pipeline, tmp_path, capsys):
     (["--model", "other"], "--pipeline replaces --model"),
 ])
 def test_cli_train_bad_input_on_a_pipeline(saved_pipeline, tmp_path, capsys, extra, message):
-    code = main(["train", "--pipeline", str(saved_pipeline / "tinyflux"), "--prompts", str(saved_pipeline / "prompts.txt"),
-                 "--out", str(tmp_path / "t"), *extra])
+    code = main(["train", "--pipeline", str(saved_pipeline / "tinyflux"),
+                 "--prompts", str(saved_pipeline / "prompts.txt"), "--out", str(tmp_path / "t"), *extra])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
@@ -148,7 +150,8 @@ def test_cli_train_bad_input_on_a_pipeline(saved_pipeline, tmp_path, capsys, ext
 def test_cli_pipeline_needs_prompts_and_a_loadable_pipeline(saved_pipeline, tmp_path, capsys):
     assert main(["train", "--pipeline", str(saved_pipeline / "tinyflux"), "--out", str(tmp_path / "t")]) == 2
     assert "needs a prompts file" in capsys.readouterr().err
-    assert main(["search", "--budget", "3", "--pipeline", str(tmp_path / "missing"), "--prompts", str(saved_pipeline / "prompts.txt")]) == 2
+    assert main(["search", "--budget", "3", "--pipeline", str(tmp_path / "missing"),
+                 "--prompts", str(saved_pipeline / "prompts.txt")]) == 2
     assert "cannot be loaded" in capsys.readouterr().err
     assert main(["train", "--prompts", str(saved_pipeline / "prompts.txt"), "--out", str(tmp_path / "t")]) == 2
     assert "need --pipeline" in capsys.readouterr().err

@@ -6,7 +6,14 @@ import torch
 from recache.errors import RecacheError
 from recache.models.classifier import DigitClassifier
 from recache.models.dit import DiT
-from recache.models.pretrained import EMBEDDED_MODELS, load_classifier, load_dit, load_pretrained, read_config, save_pretrained
+from recache.models.pretrained import (
+    EMBEDDED_MODELS,
+    load_classifier,
+    load_dit,
+    load_pretrained,
+    read_config,
+    save_pretrained,
+)
 
 
 def test_embedded_weights_load_in_eval_mode():
@@ -75,7 +82,8 @@ def test_non_finite_weights(tiny_dit, tmp_path):
         load_dit(tmp_path)
 
 
-@pytest.mark.parametrize("text", ["{not json", "[]", '{"kind": "unet", "config": {}}', '{"kind": "dit", "config": {"depth": "x"}}'])
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"kind": "unet", "config": {}}',
+                                  '{"kind": "dit", "config": {"depth": "x"}}'])
 def test_bad_config(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(RecacheError, match="config"):

@@ -27,7 +27,8 @@ def test_zero_initialised_policy_is_uniform():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(3, 30).flatmap(lambda T: st.tuples(st.just(T), st.lists(st.integers(1, T), min_size=1, max_size=6))), st.integers(0, 10**6))
+@given(st.integers(3, 30).flatmap(lambda T: st.tuples(st.just(T), st.lists(st.integers(1, T), min_size=1, max_size=6))),
+       st.integers(0, 10**6))
 def test_sampled_masks_have_exactly_k_steps_and_step_0(Tk, seed):
     T, ks = Tk
     policy = _policy(T=T, k_min=1, k_max=T)
@@ -108,7 +109,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "p" / "config.json").read_text())["training"] == {"alpha": 0.5}
 
 
-@pytest.mark.parametrize("kwargs, pattern", [({"T": 50}, "trained for T = 12, not 50"), ({"model": "flux"}, "model = mnist-dit, not flux"),
+@pytest.mark.parametrize("kwargs, pattern", [({"T": 50}, "trained for T = 12, not 50"),
+                                             ({"model": "flux"}, "model = mnist-dit, not flux"),
                                              ({"mechanism": "reuse"}, "mechanism = taylorseer, not reuse")])
 def test_loading_a_policy_for_another_setting_fails(tmp_path, kwargs, pattern):
     _policy(T=12).save_pretrained(tmp_path)
@@ -153,7 +155,7 @@ def test_shipped_flux_policy_is_for_the_shipped_flux_model():
     from recache.models.flux_digits import load_flux_digits
 
     transformer, _, meta = load_flux_digits()
-    policy = ReCachePolicy.from_pretrained("mnist-flux-taylorseer", T=meta["sampling"]["steps"], model=model_fingerprint(transformer),
-                                           mechanism="taylorseer")
+    policy = ReCachePolicy.from_pretrained("mnist-flux-taylorseer", T=meta["sampling"]["steps"],
+                                           model=model_fingerprint(transformer), mechanism="taylorseer")
     assert [policy.schedule(k).k for k in range(policy.config.k_min, policy.config.k_max + 1)] == list(range(4, 21))
     assert policy.schedule_for_steps(6, 28).k == 6  # FLUX's default step count, mapped

@@ -7,10 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from recache.errors import RecacheError
+from recache.io import read_jsonl
 from recache.metrics.reward import Reward
 from recache.models.pretrained import load_classifier
-from recache.policies import reinforce
-from recache.policies.reinforce import TrainConfig, read_log, train_recache
+from recache.policies import training
+from recache.policies.reinforce import Pool, TrainConfig
+from recache.policies.training import train_recache
 from recache.sampling.pipeline import DigitPipeline
 
 SHORT = TrainConfig(mechanism="taylorseer", k_min=2, k_max=5, updates=3, pairs=2, group=3, pool=4, seed=7)
@@ -26,7 +28,7 @@ def _weights(folder):
 
 
 def _log(folder):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_log(folder / "train_log.jsonl")]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_jsonl(folder / "train_log.jsonl")]
 
 
 def test_training_is_deterministic_and_writes_its_outputs(pipe, tmp_path):
@@ -49,9 +51,9 @@ def test_training_is_deterministic_and_writes_its_outputs(pipe, tmp_path):
 
 
 def test_calibration_guard_keeps_uniform_where_the_policy_loses(pipe, tmp_path):
-    from recache.evaluation import calibration_pairs
     from recache.mechanisms import get_mechanism
     from recache.policies import ReCacheConfig, ReCachePolicy
+    from recache.protocol import calibration_pairs
     from recache.schedule import Schedule
 
     policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4, mechanism="step-skip"))
@@ -60,8 +62,9 @@ def test_calibration_guard_keeps_uniform_where_the_policy_loses(pipe, tmp_path):
     classes, seeds = calibration_pairs(6)
     targets = pipe(classes, seeds)
     classifier = load_classifier()
-    fallback = reinforce.calibration_guard(policy, pipe, get_mechanism("step-skip"), Reward(classifier), classes, seeds, targets,
-                                           classifier.features(targets), tmp_path, progress=False)
+    pool = Pool(classes, seeds, targets, classifier.features(targets))
+    fallback = training.calibration_guard(policy, pipe, get_mechanism("step-skip"), Reward(classifier), pool, tmp_path,
+                                          progress=False)
     assert fallback == [2, 3, 4]
     policy.config = ReCacheConfig(T=8, k_min=2, k_max=4, mechanism="step-skip", fallback=fallback)
     s = policy.schedule(3)
@@ -71,7 +74,7 @@ def test_calibration_guard_keeps_uniform_where_the_policy_loses(pipe, tmp_path):
 
 def test_a_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_does(pipe, tmp_path, monkeypatch):
     train_recache(SHORT, tmp_path / "whole", pipe, progress=False)
-    real_save, calls = reinforce.save_checkpoint, []
+    real_save, calls = training.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -79,11 +82,11 @@ def test_a_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_does(pipe
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(reinforce, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_recache(SHORT, tmp_path / "cut", pipe, progress=False)
-    monkeypatch.setattr(reinforce, "save_checkpoint", real_save)
-    assert len(read_log(tmp_path / "cut" / "train_log.jsonl")) == 2
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert len(read_jsonl(tmp_path / "cut" / "train_log.jsonl")) == 2
     with pytest.raises(RecacheError, match="already holds a training run"):
         train_recache(SHORT, tmp_path / "cut", pipe, progress=False)
     train_recache(SHORT, tmp_path / "cut", pipe, resume=True, progress=False)
@@ -99,8 +102,10 @@ def test_resume_with_other_settings_is_refused(pipe, tmp_path):
         train_recache(other, tmp_path, pipe, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [({"group": 1}, "group must be >= 2"), ({"updates": 0}, "updates must be >= 1"),
-                                             ({"lr": 0.0}, r"lr must be in \(0, 1\]"), ({"lr": 1e308}, r"lr must be in \(0, 1\]"),
+@pytest.mark.parametrize("kwargs, pattern", [({"group": 1}, "group must be >= 2"),
+                                             ({"updates": 0}, "updates must be >= 1"),
+                                             ({"lr": 0.0}, r"lr must be in \(0, 1\]"),
+                                             ({"lr": 1e308}, r"lr must be in \(0, 1\]"),
                                              ({"group": 10**6}, "must each be at most 100000")])
 def test_bad_training_settings(kwargs, pattern):
     with pytest.raises(RecacheError, match=pattern):

@@ -19,10 +19,12 @@ from safetensors.torch import load_file, save_file
 from tiny_diffusers import tiny_flux_pipeline
 
 from recache.errors import NonFiniteError, RecacheError
+from recache.io import read_jsonl
 from recache.mechanisms import get_mechanism
-from recache.policies import reinforce
+from recache.policies import training
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
-from recache.policies.reinforce import TrainConfig, train_recache
+from recache.policies.reinforce import TrainConfig
+from recache.policies.training import train_recache
 from recache.sampling.diffusers_rollouts import DiffusersRollouts
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
@@ -47,7 +49,8 @@ def _poison_call(module, at: int):
 def test_a_nan_in_uncached_sampling_is_reported_with_its_step(pipe):
     handle = _poison_call(pipe.model.blocks[0], at=3)  # one block call per step (both CFG branches in one batch)
     try:
-        with pytest.raises(NonFiniteError, match=r"non-finite values \(NaN or inf\) in sample rows \[0, 1\], first at sampler step 3 of 8"):
+        with pytest.raises(NonFiniteError, match=r"non-finite values \(NaN or inf\) in sample rows \[0, 1\], "
+                                                 r"first at sampler step 3 of 8"):
             pipe(torch.tensor([2, 5]), [0, 1])
     finally:
         handle.remove()
@@ -68,14 +71,17 @@ def test_a_nan_in_batched_rollouts_names_the_row_and_step(pipe):
 def test_a_nan_in_a_diffusers_pipeline_is_reported_with_its_step():
     flux = tiny_flux_pipeline()
     flux.set_progress_bar_config(disable=True)
-    rollouts = DiffusersRollouts(flux, [{"prompt": "a cat"}], steps=6, call_kwargs={"height": 32, "width": 32, "max_sequence_length": 16})
+    rollouts = DiffusersRollouts(flux, [{"prompt": "a cat"}], steps=6,
+                                 call_kwargs={"height": 32, "width": 32, "max_sequence_length": 16})
 
     def poison(mod, args, output):
-        return tuple(o * float("nan") for o in output) if flux.scheduler.step_index == 2 else output  # a FLUX block: two streams
+        # a FLUX block: two streams
+        return tuple(o * float("nan") for o in output) if flux.scheduler.step_index == 2 else output
 
     handle = flux.transformer.transformer_blocks[0].register_forward_hook(poison)
     try:
-        with pytest.raises(NonFiniteError, match=r"transformer's output at sampler step 2 of 6, for prompt 'a cat' with seed 7"):
+        with pytest.raises(NonFiniteError,
+                           match=r"transformer's output at sampler step 2 of 6, for prompt 'a cat' with seed 7"):
             rollouts([0], [7])
     finally:
         handle.remove()
@@ -98,8 +104,8 @@ class NaNReward:
 
 
 def test_a_nan_reward_stops_training_with_the_update_and_pair(pipe, tmp_path, monkeypatch):
-    real = reinforce.reward_for
-    monkeypatch.setattr(reinforce, "reward_for", lambda *args, **kwargs: NaNReward(real(*args, **kwargs)))
+    real = training.reward_for
+    monkeypatch.setattr(training, "reward_for", lambda *args, **kwargs: NaNReward(real(*args, **kwargs)))
     config = TrainConfig(mechanism="reuse", k_min=2, k_max=5, updates=2, pairs=2, group=2, pool=4)
     with pytest.raises(NonFiniteError, match=r"non-finite reward nan at update 0 for condition \d, seed \d"):
         train_recache(config, tmp_path, pipe, progress=False)
@@ -192,7 +198,8 @@ def _weights_damage():
         return edit
 
     tensor_edits = st.sampled_from([
-        retype(torch.float64), retype(torch.float16), retype(torch.int32), retype(torch.bool), poison(math.nan), poison(math.inf),
+        retype(torch.float64), retype(torch.float16), retype(torch.int32), retype(torch.bool),
+        poison(math.nan), poison(math.inf),
         lambda s: {**s, "extra.weight": torch.zeros(3)},
         lambda s: {k: v for k, v in s.items() if k != "mlp.0.bias"},
         lambda s: {**s, "mlp.0.weight": torch.zeros(5, 5)},
@@ -227,19 +234,20 @@ def test_damaged_policy_weights_load_whole_or_fail_clearly(policy_folder, tmp_pa
 
 # --- interrupted runs ---------------------------------------------------------------------------------------------
 
-TRAIN_ARGV = [sys.executable, "-m", "recache", "train", "--steps", "8", "--k-min", "2", "--k-max", "5", "--updates", "40",
-              "--pairs", "2", "--group", "3", "--pool", "4", "--seed", "3"]
+TRAIN_ARGV = [sys.executable, "-m", "recache", "train", "--steps", "8", "--k-min", "2", "--k-max", "5",
+              "--updates", "40", "--pairs", "2", "--group", "3", "--pool", "4", "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _train(out, *extra, check=True):
-    return subprocess.run([*TRAIN_ARGV, "--out", str(out), *extra], env=ENV, capture_output=True, text=True, timeout=300, check=check)
+    return subprocess.run([*TRAIN_ARGV, "--out", str(out), *extra], env=ENV, capture_output=True, text=True,
+                          timeout=300, check=check)
 
 
 def _checkpoint_step(folder) -> int:
     from safetensors import safe_open
 
-    with safe_open(str(folder / reinforce.CHECKPOINT), framework="pt") as f:
+    with safe_open(str(folder / training.CHECKPOINT), framework="pt") as f:
         return json.loads(f.metadata()["recache"])["step"]
 
 
@@ -253,29 +261,31 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_run_stopped_mid_training_resumes_to_the_same_policy(uninterrupted, tmp_path, sig):
     out = tmp_path / "run"
-    proc = subprocess.Popen([*TRAIN_ARGV, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*TRAIN_ARGV, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 120
-    while not ((out / reinforce.CHECKPOINT).exists() and len(reinforce.read_log(out / reinforce.LOG)) >= 3):
+    while not ((out / training.CHECKPOINT).exists() and len(read_jsonl(out / training.LOG)) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, "the training did not start"
         time.sleep(0.02)
-    done_before = len(reinforce.read_log(out / reinforce.LOG))
+    done_before = len(read_jsonl(out / training.LOG))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     step = _checkpoint_step(out)
     # Ctrl-C keeps every finished update; a SIGKILL between the log's write and the checkpoint's loses that one update
     lost_at_most = 0 if sig == signal.SIGINT else 1
     assert done_before - lost_at_most <= step < 40  # it stopped mid-run
-    logged = [row["update"] for row in reinforce.read_log(out / reinforce.LOG)]
+    logged = [row["update"] for row in read_jsonl(out / training.LOG)]
     assert logged[:step] == list(range(step)) and len(logged) - step <= lost_at_most
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "Traceback" not in err
-        assert f"interrupted; the checkpoint {out / reinforce.CHECKPOINT} holds {step} updates: resume with --resume" in err
+        assert (f"interrupted; the checkpoint {out / training.CHECKPOINT} holds {step} updates: "
+                "resume with --resume" in err)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     _train(out, "--resume")
-    assert [row["update"] for row in reinforce.read_log(out / reinforce.LOG)] == list(range(40))
+    assert [row["update"] for row in read_jsonl(out / training.LOG)] == list(range(40))
     for name, value in load_file(uninterrupted / "policy/model.safetensors").items():
         assert torch.equal(value, load_file(out / "policy/model.safetensors")[name]), name
-    assert reinforce.read_log(out / reinforce.LOG)[-1]["reward"] == reinforce.read_log(uninterrupted / reinforce.LOG)[-1]["reward"]
+    assert read_jsonl(out / training.LOG)[-1]["reward"] == read_jsonl(uninterrupted / training.LOG)[-1]["reward"]
 
 
 # --- same seed, same results --------------------------------------------------------------------------------------
@@ -291,5 +301,6 @@ def test_search_and_evaluation_repeat_exactly(pipe, tmp_path):
     assert first[0].mask == second[0].mask and first[1] == second[1]  # every loss, bit for bit
     methods = [Method("uniform", "taylorseer", 3, Schedule.uniform(8, 3)), Method("searched", "reuse", 3, first[0])]
     classes, seeds = torch.arange(4), [900_000 + i for i in range(4)]
-    rows = [run_comparison(pipe, methods, tmp_path / f"eval{i}", classes, seeds, timing_runs=0, progress=False)["rows"] for i in range(2)]
+    rows = [run_comparison(pipe, methods, tmp_path / f"eval{i}", classes, seeds, timing_runs=0, progress=False)["rows"]
+            for i in range(2)]
     assert rows[0] == rows[1]

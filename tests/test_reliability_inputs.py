@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from recache.checkpoint import save_checkpoint
 from recache.cli import main
 from recache.models.pretrained import WEIGHTS_DIR
-from recache.policies.recache import PRETRAINED_DIR, ReCacheConfig, ReCachePolicy
+from recache.policies.pretrained import PRETRAINED_DIR
+from recache.policies.recache import ReCacheConfig, ReCachePolicy
 from recache.policies.reinforce import TrainConfig
 from recache.schedule import Schedule
 
@@ -69,8 +70,9 @@ def make_bad_files(root: Path) -> None:
     _policy_copy(root / "pickle-policy")
     (root / "pickle-policy" / "model.safetensors").write_bytes(pickle.dumps({"mlp.0.weight": [1.0, 2.0]}))
     policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4))
-    save_checkpoint(root / "old-run" / "checkpoint.safetensors", {"policy": policy}, torch.optim.Adam(policy.parameters()),
-                    {"train": torch.Generator()}, 1, {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
+    save_checkpoint(root / "old-run" / "checkpoint.safetensors", {"policy": policy},
+                    torch.optim.Adam(policy.parameters()), {"train": torch.Generator()}, 1,
+                    {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
     (root / "corrupt-run").mkdir()
     (root / "corrupt-run" / "checkpoint.safetensors").write_bytes(b"\x07not a checkpoint")
     (root / "old-search").mkdir()
@@ -89,11 +91,13 @@ def make_bad_files(root: Path) -> None:
     nan_state = {k: torch.full_like(v, float("nan")) for k, v in policy.state_dict().items()}
     nan_policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4))
     nan_policy.load_state_dict(nan_state)
-    save_checkpoint(root / "nan-run" / "checkpoint.safetensors", {"policy": nan_policy}, torch.optim.Adam(nan_policy.parameters()),
-                    {"train": torch.Generator()}, 1, {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
+    save_checkpoint(root / "nan-run" / "checkpoint.safetensors", {"policy": nan_policy},
+                    torch.optim.Adam(nan_policy.parameters()), {"train": torch.Generator()}, 1,
+                    {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
     sampler = {"model": "mnist-dit", "T": 8, "sigmas": "linear", "guidance": 2.0}
-    save_checkpoint(root / "sampler-run" / "checkpoint.safetensors", {"policy": policy}, torch.optim.Adam(policy.parameters()),
-                    {"train": torch.Generator()}, 1, {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1, "sampler": sampler})
+    save_checkpoint(root / "sampler-run" / "checkpoint.safetensors", {"policy": policy},
+                    torch.optim.Adam(policy.parameters()), {"train": torch.Generator()}, 1,
+                    {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1, "sampler": sampler})
     (root / "settings-search").mkdir()
     (root / "settings-search" / "memo.jsonl").write_text('{"steps": [0, 4, 7], "loss": 0.1}\n')
     (root / "settings-search" / "search.json").write_text(json.dumps({"search": {"k": 3, "mechanism": "taylorseer"}}))

@@ -4,20 +4,22 @@ from recache.evaluation.report import markdown_paired_table, paired_comparison, 
 
 
 def _rows(policy, rel_l2, mechanism="reuse", k=5):
-    return [{"policy": policy, "mechanism": mechanism, "k": k, "T": 50, "class": i % 10, "seed": 900_000 + i, "full_passes": k,
-             "flops_reduction": 10.0, "speedup": None, "rel_l2": v, "psnr": 30.0, "ssim": 0.9, "feature_distance": 2 * v,
-             "class_correct": 1.0} for i, v in enumerate(rel_l2)]
+    return [{"policy": policy, "mechanism": mechanism, "k": k, "T": 50, "class": i % 10, "seed": 900_000 + i,
+             "full_passes": k, "flops_reduction": 10.0, "speedup": None, "rel_l2": v, "psnr": 30.0, "ssim": 0.9,
+             "feature_distance": 2 * v, "class_correct": 1.0} for i, v in enumerate(rel_l2)]
 
 
 def test_paired_comparison_verdicts():
     base = [0.10, 0.20, 0.30, 0.40]
-    rows = _rows("uniform", base) + _rows("better", [v - 0.05 for v in base]) + _rows("same", [v + (-0.01) ** i for i, v in enumerate(base)])
+    rows = (_rows("uniform", base) + _rows("better", [v - 0.05 for v in base])
+            + _rows("same", [v + (-0.01) ** i for i, v in enumerate(base)]))
     rows += _rows("worse", [v + 0.02 + 0.001 * i for i, v in enumerate(base)])
     by_policy = {e["policy"]: e for e in paired_comparison(rows)}
     assert set(by_policy) == {"better", "same", "worse"}
     assert by_policy["better"]["rel_l2"]["diff"] == pytest.approx(-0.05)
     assert by_policy["better"]["rel_l2"]["se"] == pytest.approx(0.0, abs=1e-12)
-    assert by_policy["better"]["rel_l2"]["verdict"] == "better" and by_policy["better"]["feature_distance"]["verdict"] == "better"
+    assert (by_policy["better"]["rel_l2"]["verdict"] == "better"
+            and by_policy["better"]["feature_distance"]["verdict"] == "better")
     assert by_policy["worse"]["rel_l2"]["verdict"] == "worse"
     assert by_policy["same"]["rel_l2"]["verdict"] == "tie"
     assert by_policy["better"]["rel_l2"]["baseline"] == pytest.approx(0.25)
@@ -39,16 +41,19 @@ def test_headline_picks_the_best_at_the_budget_and_pairs_the_change():
 
     base = [1.0, 2.0, 3.0, 4.0]  # feature distance is 2 x these
     rows = _rows("uniform", base, "reuse") + _rows("uniform", [v * 0.9 for v in base], "taylorseer")
-    rows += _rows("teacache", [v * 0.8 for v in base]) + _with_passes(_rows("magcache", [v * 0.1 for v in base]), 9)  # over budget
+    rows += (_rows("teacache", [v * 0.8 for v in base])
+             + _with_passes(_rows("magcache", [v * 0.1 for v in base]), 9))  # over budget
     rows += _rows("recache", [v * 0.6 for v in base], "hicache") + _rows("recache", [v * 0.7 for v in base], "reuse")
     entries, table = headline(rows, [5])
     (entry,) = entries
-    assert (entry["uniform"]["mechanism"], entry["best heuristic"]["policy"], entry["ReCache"]["mechanism"]) == ("taylorseer", "teacache", "hicache")
+    assert ((entry["uniform"]["mechanism"], entry["best heuristic"]["policy"], entry["ReCache"]["mechanism"])
+            == ("taylorseer", "teacache", "hicache"))
     assert entry["vs best heuristic"]["relative"] == pytest.approx(0.6 / 0.8 - 1)
     assert entry["vs uniform"]["relative"] == pytest.approx(0.6 / 0.9 - 1)
     (row,) = [line for line in table.splitlines() if line.startswith("| 5 |")]
     assert "| -25.0 % ± " in row and "magcache" not in row
-    assert "- Left out at k = 5: magcache / reuse (realised k = 9.00): more than half a pass from the budget." in table.splitlines()
+    assert ("- Left out at k = 5: magcache / reuse (realised k = 9.00): more than half a pass from the budget."
+            in table.splitlines())
 
 
 def test_headline_says_which_budgets_it_leaves_out():

@@ -39,7 +39,8 @@ def test_euler_is_exact_for_straight_paths():
 def test_callback_sees_every_step():
     seen = []
     sigmas = get_sigmas_linear(5)
-    sample_euler(lambda x, s, c: torch.ones_like(x), torch.zeros(1, 1, 2, 2), sigmas, torch.zeros(1), callback=seen.append)
+    sample_euler(lambda x, s, c: torch.ones_like(x), torch.zeros(1, 1, 2, 2), sigmas, torch.zeros(1),
+                 callback=seen.append)
     assert [d["i"] for d in seen] == list(range(5))
     assert torch.equal(torch.stack([d["sigma"] for d in seen]), sigmas[:-1])
     assert set(seen[0]) == {"x", "i", "sigma", "sigma_next", "velocity", "denoised"}
@@ -49,5 +50,6 @@ def test_guidance_combines_branches(tiny_dit):
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     s = torch.tensor(0.4)
     v_c, v_u = tiny_dit(x, s, y), tiny_dit(x, s, torch.full_like(y, tiny_dit.null_class))
-    torch.testing.assert_close(GuidedVelocity(tiny_dit, 3.0, tiny_dit.null_class)(x, s, y), v_u + 3.0 * (v_c - v_u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(GuidedVelocity(tiny_dit, 3.0, tiny_dit.null_class)(x, s, y), v_u + 3.0 * (v_c - v_u),
+                               atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(GuidedVelocity(tiny_dit, 1.0, tiny_dit.null_class)(x, s, y), v_c)

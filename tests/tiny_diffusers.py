@@ -17,7 +17,8 @@ def _tokenizers():
         vocab[ch + "</w>"] = len(vocab)
     clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    pieces += [("\u2581" + w, -1.0) for w in "a photo of cat dog the".split()] + [(c, -5.0) for c in string.ascii_lowercase]
+    pieces += ([("\u2581" + w, -1.0) for w in "a photo of cat dog the".split()]
+               + [(c, -5.0) for c in string.ascii_lowercase])
     return clip, T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
@@ -25,8 +26,9 @@ def tiny_flux_transformer(seed: int = 0):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
 
 
 def tiny_flux_pipeline(seed: int = 0):
@@ -36,33 +38,38 @@ def tiny_flux_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tok, tok2 = _tokenizers()
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1, projection_dim=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     dit = tiny_flux_transformer(seed)
     for module in (clip, t5, vae):
         module.eval()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
-                        tokenizer_2=tok2, vae=vae, transformer=dit)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=clip, tokenizer=tok,
+                        text_encoder_2=t5, tokenizer_2=tok2, vae=vae, transformer=dit)
 
 
 def tiny_wan_transformer(seed: int = 0):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32).eval()
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3,
+                                 rope_max_seq_len=32).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-                                 caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4).eval()
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                 pooled_projection_dim=16, out_channels=4).eval()
 
 
 def transformer_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
@@ -73,11 +80,15 @@ def transformer_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
         from diffusers import FluxPipeline
 
         img_ids = FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32)
-        return {"hidden_states": torch.randn(batch, 16, 16, generator=g), "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
-                "pooled_projections": torch.randn(batch, 32, generator=g), "img_ids": img_ids, "txt_ids": torch.zeros(8, 3)}
+        return {"hidden_states": torch.randn(batch, 16, 16, generator=g),
+                "encoder_hidden_states": torch.randn(batch, 8, 32, generator=g),
+                "pooled_projections": torch.randn(batch, 32, generator=g),
+                "img_ids": img_ids, "txt_ids": torch.zeros(8, 3)}
     if name == "WanTransformer3DModel":
-        return {"hidden_states": torch.randn(batch, 4, 2, 8, 8, generator=g), "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g)}
-    return {"hidden_states": torch.randn(batch, 4, 16, 16, generator=g), "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g),
+        return {"hidden_states": torch.randn(batch, 4, 2, 8, 8, generator=g),
+                "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g)}
+    return {"hidden_states": torch.randn(batch, 4, 16, 16, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g),
             "pooled_projections": torch.randn(batch, 16, generator=g)}
 
 
@@ -91,7 +102,8 @@ def euler_loop(transformer, steps: int, inputs: dict, context: str | None = "con
     for i in range(steps):
         t = sigmas[i].expand(x.shape[0])
         with_context = context and hasattr(transformer, "cache_context")
-        scope = transformer.cache_context(context, step_index=i, num_inference_steps=steps) if with_context else nullcontext()
+        scope = (transformer.cache_context(context, step_index=i, num_inference_steps=steps) if with_context
+                 else nullcontext())
         with scope, torch.no_grad():
             timestep = t if type(transformer).__name__ == "FluxTransformer2DModel" else t * 1000
             v = transformer(**{**inputs, "hidden_states": x}, timestep=timestep, return_dict=False)[0]

@@ -17,7 +17,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from recache import __version__
+    from recache._version import __version__
     from recache.cli import align, calibrate, demo, evaluate, pretrain, sample, search, train
 
     parser = _Parser(prog="recache", description="Budgeted caching schedules for diffusion transformers.")
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if under_torchrun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             if not getattr(args, "data_parallel", False):
-                raise RecacheError("only train, search and eval run on several ranks; start this command without torchrun")
+                raise RecacheError("only train, search and eval run on several ranks; "
+                                   "start this command without torchrun")
             distributed.init()
         status = args.run(args) or 0
         distributed.close()

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from recache.cli.options import add_model_options, check_writable_file, positive_int
-from recache.evaluation import CALIBRATION_PAIRS, calibration_pairs
 from recache.policies.heuristics import HEURISTICS
 from recache.policies.heuristics.calibrate import calibrate
+from recache.protocol import CALIBRATION_PAIRS, calibration_pairs
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import check_budget
 
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     add_model_options(p)
     p.add_argument("--heuristic", choices=list(HEURISTICS), required=True, help="which heuristic")
     p.add_argument("--budget", type=positive_int, required=True, help="target mean number of full passes k of T")
-    p.add_argument("--pairs", type=positive_int, default=CALIBRATION_PAIRS, help=f"calibration (class, seed) pairs (default: {CALIBRATION_PAIRS})")
+    p.add_argument("--pairs", type=positive_int, default=CALIBRATION_PAIRS,
+                   help=f"calibration (class, seed) pairs (default: {CALIBRATION_PAIRS})")
     p.add_argument("--out", default=None, help="output JSON (default: runs/calibrate/<heuristic>-k<budget>.json)")
     p.set_defaults(run=run)
 
@@ -34,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
     calibration = calibrate(args.heuristic, args.budget, pipe, classes, seeds)
     calibration.save(out)
     reached = "" if calibration.reachable else f" (k = {args.budget} is out of its reach: this is the closest)"
-    print(f"{args.heuristic}: threshold {calibration.threshold:.5g} gives mean k = {calibration.mean_k:.2f} of {pipe.steps} on "
-          f"{args.pairs} calibration pairs{reached}; {time.perf_counter() - start:.0f} s -> {out}")
+    print(f"{args.heuristic}: threshold {calibration.threshold:.5g} gives mean k = {calibration.mean_k:.2f} "
+          f"of {pipe.steps} on {args.pairs} calibration pairs{reached}; {time.perf_counter() - start:.0f} s -> {out}")
     return 0

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from recache.cli.options import check_writable, int_list, mechanism_list
 from recache.errors import RecacheError
-from recache.evaluation import CALIBRATION_PAIRS, heldout_pairs
 from recache.evaluation.compare import headline, heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
 from recache.io import write_text
 from recache.policies import ReCachePolicy, shipped_policies
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
 from recache.policies.heuristics import HEURISTICS
+from recache.protocol import CALIBRATION_PAIRS, heldout_pairs
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule, check_budget
 from recache.viz import save_image_grid
@@ -32,10 +32,12 @@ SEARCH_MECHANISM = "taylorseer"
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="compare learned, searched, heuristic and uniform schedules on the embedded model")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--budgets", type=int_list, default=[5, 10], help="budgets k of T = 50 to compare (default: 5,10, i.e. 10x and 5x)")
+    p.add_argument("--budgets", type=int_list, default=[5, 10],
+                   help="budgets k of T = 50 to compare (default: 5,10, i.e. 10x and 5x)")
     p.add_argument("--mechanisms", type=mechanism_list, default=mechanism_list(DEMO_MECHANISMS),
                    help=f"mechanisms for the uniform and learned schedules (default: {DEMO_MECHANISMS})")
-    p.add_argument("--resume", action="store_true", help="keep the methods already evaluated in OUT/rows.jsonl on the same pairs")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the methods already evaluated in OUT/rows.jsonl on the same pairs")
     p.set_defaults(run=run)
 
 
@@ -52,14 +54,17 @@ def run(args: argparse.Namespace) -> int:
         name = f"{pipe.model_id}-{m}"
         if name in shipped_policies():
             policy = ReCachePolicy.from_pretrained(name, T=pipe.steps)
-            methods += [Method("recache", m, k, policy.schedule(k)) for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
+            methods += [Method("recache", m, k, policy.schedule(k))
+                        for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
     if not any(m.policy == "recache" for m in methods):
-        raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} with mechanisms {', '.join(args.mechanisms)}")
+        raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} "
+                           f"with mechanisms {', '.join(args.mechanisms)}")
     searches = [SearchConfig(k=k, mechanism=SEARCH_MECHANISM) for k in args.budgets]
     for config in searches:
         print(f"BudCache search, k = {config.k}, {SEARCH_MECHANISM} ...")
         folder = out / "search" / f"{SEARCH_MECHANISM}-k{config.k}"
-        searched = Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists() else search_schedule(config, pipe, folder, resume=True)[0]
+        searched = (Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists()
+                    else search_schedule(config, pipe, folder, resume=True)[0])
         methods.append(Method("budcache", SEARCH_MECHANISM, config.k, searched))
     print(f"calibrating {', '.join(HEURISTICS)} to k = {', '.join(map(str, args.budgets))} ...")
     found, notes = heuristic_methods(list(HEURISTICS), args.budgets, pipe, args.mechanisms, out / "calibrations")
@@ -67,13 +72,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluating {len(methods)} methods on {len(seeds)} held-out pairs (quality, FLOPs, wall-clock) ...")
     result = run_comparison(pipe, methods, out, classes, seeds, timing_runs=3, resume=args.resume)
     reference = result["reference"]
-    save_image_grid(reference.view(-1, 10, *reference.shape[1:])[:8].flatten(0, 1), out / "samples.png", nrow=10)  # digits 0-9 by row
-    intro = (f"Embedded model mnist-dit (T = {pipe.steps} Euler steps, CFG {pipe.guidance:g}); {len(seeds)} held-out (class, seed) "
-             f"pairs, never used for training, search or calibration; every metric against the uncached sample from the same "
-             f"noise and class. Uncached sampling of the {len(seeds)} pairs: {result['reference_seconds']:.2f} s. ReCache: the "
-             f"shipped policies; BudCache: searched here on {searches[0].pairs} calibration pairs with {SEARCH_MECHANISM}; "
-             f"heuristics: thresholds calibrated here to each budget on {CALIBRATION_PAIRS} calibration pairs; TeaCache, "
-             f"FirstBlockCache and DiCache fill skipped steps their own way, MagCache and the fixed interval give a fixed "
+    grid_images = reference.view(-1, 10, *reference.shape[1:])[:8].flatten(0, 1)  # digits 0-9 by row
+    save_image_grid(grid_images, out / "samples.png", nrow=10)
+    intro = (f"Embedded model mnist-dit (T = {pipe.steps} Euler steps, CFG {pipe.guidance:g}); {len(seeds)} held-out "
+             f"(class, seed) pairs, never used for training, search or calibration; every metric against the uncached "
+             f"sample from the same noise and class. Uncached sampling of the {len(seeds)} pairs: "
+             f"{result['reference_seconds']:.2f} s. ReCache: the shipped policies; BudCache: searched here on "
+             f"{searches[0].pairs} calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds calibrated here "
+             f"to each budget on {CALIBRATION_PAIRS} calibration pairs; TeaCache, FirstBlockCache and DiCache fill "
+             f"skipped steps their own way, MagCache and the fixed interval give a fixed "
              f"schedule, run with each mechanism. "
              f"Demo time: {time.perf_counter() - start:.0f} s.\n\n"
              f"![uncached samples](samples.png)")

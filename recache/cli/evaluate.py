@@ -20,13 +20,13 @@ from recache.cli.options import (
     nonnegative_int,
     positive_int,
 )
-from recache.evaluation import BUDGETS, CALIBRATION_PAIRS, calibration_pairs, heldout_pairs
 from recache.evaluation.compare import heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
 from recache.evaluation.report import markdown_table
 from recache.io import write_text
 from recache.mechanisms import MECHANISMS
 from recache.policies.heuristics import HEURISTICS
+from recache.protocol import BUDGETS, CALIBRATION_PAIRS, calibration_pairs, heldout_pairs
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule, check_budget
 
@@ -34,23 +34,29 @@ from recache.schedule import Schedule, check_budget
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate schedules x mechanisms x budgets on held-out seeds")
     add_model_options(p)
-    p.add_argument("--budgets", type=int_list, default=list(BUDGETS), help="uniform-schedule budgets (default: 5,7,10,14,20)")
-    p.add_argument("--mechanisms", type=mechanism_list, default=list(MECHANISMS), help="comma-separated, or all (default)")
+    p.add_argument("--budgets", type=int_list, default=list(BUDGETS),
+                   help="uniform-schedule budgets (default: 5,7,10,14,20)")
+    p.add_argument("--mechanisms", type=mechanism_list, default=list(MECHANISMS),
+                   help="comma-separated, or all (default)")
     p.add_argument("--schedule", action="append", default=[], help="also evaluate this schedule file (repeatable)")
     p.add_argument("--policy", action="append", default=[],
-                   help="also evaluate a trained policy (folder or shipped name) at every budget, with its own mechanism (repeatable)")
+                   help="also evaluate a trained policy (folder or shipped name) at every budget, "
+                        "with its own mechanism (repeatable)")
     add_policy_options(p)
     p.add_argument("--heuristics", type=heuristic_list, default=[],
-                   help=f"threshold heuristics to calibrate to every budget and compare: comma-separated from {', '.join(HEURISTICS)}, or all")
+                   help=f"threshold heuristics to calibrate to every budget and compare: comma-separated from "
+                        f"{', '.join(HEURISTICS)}, or all")
     p.add_argument("--calibration-pairs", type=positive_int, default=CALIBRATION_PAIRS,
                    help=f"calibration pairs for the heuristics' thresholds (default: {CALIBRATION_PAIRS})")
     p.add_argument("--resume", action="store_true",
                    help="keep the methods already in OUT/rows.jsonl whose rows cover exactly this run's pairs and T "
                         "(calibrations in OUT/calibrations are reused whenever they match)")
     p.add_argument("--pairs", choices=("heldout", "calibration"), default="heldout",
-                   help="held-out seeds (default), or the calibration seeds policies are trained on, to see overfitting")
+                   help="held-out seeds (default), or the calibration seeds policies are trained on, "
+                        "to see overfitting")
     p.add_argument("--per-class", type=batch_int, default=10, help="held-out pairs per class (default: 10)")
-    p.add_argument("--timing-runs", type=nonnegative_int, default=3, help="same-run timings per row for the speed-up; 0 skips (default: 3)")
+    p.add_argument("--timing-runs", type=nonnegative_int, default=3,
+                   help="same-run timings per row for the speed-up; 0 skips (default: 3)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     add_nproc_option(p)
     p.set_defaults(run=run)
@@ -70,18 +76,22 @@ def run(args: argparse.Namespace) -> int:
     shared = len({p.config.mechanism for _, p in policies}) < len(policies)  # then the labels name the policies
     for name, policy in policies:
         label = "recache" + ("-nested" if args.nested else "") + (f":{Path(name).name}" if shared else "")
-        methods += [Method(label, policy.config.mechanism, k, policy.schedule(k, nested=args.nested, allow_extrapolate=args.allow_extrapolate))
+        methods += [Method(label, policy.config.mechanism, k,
+                           policy.schedule(k, nested=args.nested, allow_extrapolate=args.allow_extrapolate))
                     for k in args.budgets]
     notes = []
     if args.heuristics:
-        found, notes = heuristic_methods(args.heuristics, args.budgets, pipe, args.mechanisms, out / "calibrations", args.calibration_pairs)
+        found, notes = heuristic_methods(args.heuristics, args.budgets, pipe, args.mechanisms, out / "calibrations",
+                                         args.calibration_pairs)
         methods += found
-    classes, seeds = heldout_pairs(args.per_class) if args.pairs == "heldout" else calibration_pairs(10 * args.per_class)
+    classes, seeds = (heldout_pairs(args.per_class) if args.pairs == "heldout"
+                      else calibration_pairs(10 * args.per_class))
     result = run_comparison(pipe, methods, out, classes, seeds, args.timing_runs, resume=args.resume)
     if not distributed.is_main():
         return 0
-    intro = (f"{pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs; metrics against the uncached output from "
-             f"the same noise and class. Uncached sampling of the {len(seeds)} pairs took {result['reference_seconds']:.2f} s.")
+    intro = (f"{pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs; metrics against the uncached output "
+             f"from the same noise and class. Uncached sampling of the {len(seeds)} pairs took "
+             f"{result['reference_seconds']:.2f} s.")
     write_text(out / "summary.md", markdown_report(result, "Evaluation", intro, notes))
     for note in notes:
         print(f"note: {note}")

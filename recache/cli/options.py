@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
+
+from recache.errors import RecacheError
+from recache.mechanisms import HOOK_MECHANISMS, MECHANISMS
+from recache.policies import ReCachePolicy
+from recache.policies.heuristics import HEURISTICS
+from recache.sampling.pipeline import DigitPipeline
+from recache.schedule import Schedule, check_budget
 
 
 def _whole_number(minimum: int, maximum: int | None = None):
@@ -77,101 +85,102 @@ def int_list(text: str) -> list[int]:
 
 
 def mechanism_list(text: str) -> list[str]:
-    from recache.mechanisms import MECHANISMS
-
     names = list(MECHANISMS) if text == "all" else text.split(",")
     for name in names:
         if name not in MECHANISMS:
-            raise argparse.ArgumentTypeError(f"unknown mechanism {name!r}; choose from {', '.join(MECHANISMS)} or 'all'")
+            raise argparse.ArgumentTypeError(f"unknown mechanism {name!r}; "
+                                             f"choose from {', '.join(MECHANISMS)} or 'all'")
     return names
 
 
 def heuristic_list(text: str) -> list[str]:
-    from recache.policies.heuristics import HEURISTICS
-
     names = list(HEURISTICS) if text == "all" else [n for n in text.split(",") if n]
     if not names:
         raise argparse.ArgumentTypeError(f"no heuristic named; choose from {', '.join(HEURISTICS)} or 'all'")
     for name in names:
         if name not in HEURISTICS:
-            raise argparse.ArgumentTypeError(f"unknown heuristic {name!r}; choose from {', '.join(HEURISTICS)} or 'all'")
+            raise argparse.ArgumentTypeError(f"unknown heuristic {name!r}; "
+                                             f"choose from {', '.join(HEURISTICS)} or 'all'")
     return names
 
 
-def add_model_options(parser: argparse.ArgumentParser, seed_help: str = "seed of the initial noise (default: 0)") -> None:
-    parser.add_argument("--model", default="mnist-dit", help="embedded model name or a saved model folder (default: mnist-dit)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="number of sampler steps T (default: the model's own, 50 for mnist-dit)")
-    parser.add_argument("--guidance", type=guidance_float, default=None, help="CFG scale, 0 to 100 (default: the model's own)")
+def add_model_options(parser: argparse.ArgumentParser,
+                      seed_help: str = "seed of the initial noise (default: 0)") -> None:
+    parser.add_argument("--model", default="mnist-dit",
+                        help="embedded model name or a saved model folder (default: mnist-dit)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="number of sampler steps T (default: the model's own, 50 for mnist-dit)")
+    parser.add_argument("--guidance", type=guidance_float, default=None,
+                        help="CFG scale, 0 to 100 (default: the model's own)")
     parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
     parser.add_argument("--seed", type=seed_int, default=0, help=seed_help)
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     """Train or search on a diffusers pipeline instead of the embedded DiT."""
-    parser.add_argument("--pipeline", default=None, help="a diffusers pipeline folder or hub id (offline: already cached), or the shipped "
-                        "digit FLUX 'mnist-flux'; replaces --model")
-    parser.add_argument("--prompts", default=None, help="with --pipeline: a prompts file, .txt (one per line), .jsonl or .csv")
-    parser.add_argument("--height", type=positive_int, default=None, help="with --pipeline: image height (default: the pipeline's)")
-    parser.add_argument("--width", type=positive_int, default=None, help="with --pipeline: image width (default: the pipeline's)")
+    parser.add_argument("--pipeline", default=None,
+                        help="a diffusers pipeline folder or hub id (offline: already cached), or the shipped "
+                             "digit FLUX 'mnist-flux'; replaces --model")
+    parser.add_argument("--prompts", default=None,
+                        help="with --pipeline: a prompts file, .txt (one per line), .jsonl or .csv")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="with --pipeline: image height (default: the pipeline's)")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="with --pipeline: image width (default: the pipeline's)")
 
 
 def add_nproc_option(parser: argparse.ArgumentParser) -> None:
-    """Data-parallel ranks (``recache.distributed``): ``--nproc`` here, or ``torchrun ... -m recache`` for several machines."""
+    """Data-parallel ranks (``recache.distributed``): ``--nproc`` here, or ``torchrun ... -m recache`` for several
+    machines."""
     parser.add_argument("--nproc", type=positive_int, default=1,
-                        help="processes on this machine, sharing the pairs, started with torchrun (default: 1); for several "
-                             "machines start 'torchrun ... -m recache' yourself (docs/distributed.md)")
+                        help="processes on this machine, sharing the pairs, started with torchrun (default: 1); "
+                             "for several machines start 'torchrun ... -m recache' yourself (docs/distributed.md)")
     parser.set_defaults(data_parallel=True)
 
 
 def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
     """The embedded ``DigitPipeline`` (``--model``), or ``DiffusersRollouts`` for ``--pipeline``."""
-    from recache.errors import RecacheError
-
     if args.pipeline is None:
-        from recache.sampling.pipeline import DigitPipeline
-
         if args.prompts is not None or args.height is not None or args.width is not None:
             raise RecacheError("--prompts, --height and --width need --pipeline")
         return DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     if args.model != "mnist-dit" or args.sigmas is not None:
-        raise RecacheError("--pipeline replaces --model and --sigmas (a pipeline brings its own scheduler); give one or the other")
-    from recache.hooks import HOOK_MECHANISMS
-    from recache.sampling.diffusers_rollouts import load_rollouts
+        raise RecacheError("--pipeline replaces --model and --sigmas (a pipeline brings its own scheduler); "
+                           "give one or the other")
+    from recache.sampling.diffusers_rollouts import load_rollouts  # imported on use: diffusers is slow to import
 
     if getattr(args, "mechanism", None) not in (None, *HOOK_MECHANISMS):
-        raise RecacheError(f"mechanism {args.mechanism!r} cannot run on a diffusers pipeline; choose one of {', '.join(HOOK_MECHANISMS)}")
+        raise RecacheError(f"mechanism {args.mechanism!r} cannot run on a diffusers pipeline; "
+                           f"choose one of {', '.join(HOOK_MECHANISMS)}")
 
     return load_rollouts(args.pipeline, args.prompts, args.steps, args.height, args.width, args.guidance, output_type)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nested", action="store_true", help="with --policy: nested schedules, S(k) inside S(k+1)")
-    parser.add_argument("--allow-extrapolate", action="store_true", help="with --policy: allow budgets outside its trained range")
+    parser.add_argument("--allow-extrapolate", action="store_true",
+                        help="with --policy: allow budgets outside its trained range")
 
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:
-    from recache.mechanisms import MECHANISMS
-
-    parser.add_argument("--budget", type=positive_int, default=None, help="full passes k of T (uniform schedule, or the policy's)")
+    parser.add_argument("--budget", type=positive_int, default=None,
+                        help="full passes k of T (uniform schedule, or the policy's)")
     parser.add_argument("--schedule", default=None, help="a schedule JSON file (from search, a policy, or by hand)")
-    parser.add_argument("--policy", default=None, help="a trained policy folder (recache train): its schedule for --budget")
-    parser.add_argument("--mechanism", choices=list(MECHANISMS), default=None, help="what fills cached steps (default: the policy's, else reuse)")
+    parser.add_argument("--policy", default=None,
+                        help="a trained policy folder (recache train): its schedule for --budget")
+    parser.add_argument("--mechanism", choices=list(MECHANISMS), default=None,
+                        help="what fills cached steps (default: the policy's, else reuse)")
     add_policy_options(parser)
 
 
 def load_policy(folder: str, pipe, mechanism: str | None = None):
     """A trained ReCache policy, checked against the pipeline's T and model (and ``mechanism`` when given)."""
-    from recache.policies import ReCachePolicy
-
     return ReCachePolicy.from_pretrained(folder, T=pipe.steps, model=pipe.model_id, mechanism=mechanism)
 
 
 def resolve_schedule(args: argparse.Namespace, pipe):
     """The schedule a run asked for (a file, the policy's or a uniform one for ``--budget``, or None for uncached
     sampling) and the mechanism to run it with."""
-    from recache.errors import RecacheError
-    from recache.schedule import Schedule, check_budget
-
     if args.schedule is not None and (args.budget is not None or args.policy is not None):
         raise RecacheError("give either --schedule or --budget (with or without --policy), not both")
     if args.policy is not None:
@@ -186,16 +195,13 @@ def resolve_schedule(args: argparse.Namespace, pipe):
     if args.budget is None:
         return None, mechanism
     check_budget(args.budget, pipe.steps)
-    return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=mechanism, sigmas=pipe.sigma_schedule), mechanism
+    return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=mechanism,
+                            sigmas=pipe.sigma_schedule), mechanism
 
 
 def check_writable(folder: Path, what: str | None = None) -> None:
     """Fail early, with a clear message, when results could not be written to ``folder`` (``what`` names it). Leaves
     nothing behind: the probe is a temporary file in the nearest folder that exists."""
-    import tempfile
-
-    from recache.errors import RecacheError
-
     what = what or f"output folder {folder}"
     existing = Path(folder)
     while not existing.exists() and existing != existing.parent:
@@ -211,8 +217,6 @@ def check_writable(folder: Path, what: str | None = None) -> None:
 
 def check_writable_file(path: Path) -> None:
     """Fail early when the output file ``path`` could not be written: it is a folder, or its folder is not writable."""
-    from recache.errors import RecacheError
-
     if path.is_dir():
         raise RecacheError(f"output file {path} is a folder; give a file name")
     check_writable(path.parent, f"folder {path.parent} of output file {path.name}")

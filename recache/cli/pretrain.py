@@ -13,17 +13,20 @@ def add_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="train the embedded DiT, digit classifier or Flux digits model from scratch")
     which = p.add_subparsers(dest="which", required=True)
     dit = which.add_parser("dit", help="the class-conditional flow-matching DiT (about 12 min on 2 cores)")
-    dit.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-dit"), help="output folder (default: the shipped weights)")
+    dit.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-dit"),
+                     help="output folder (default: the shipped weights)")
     dit.add_argument("--architecture", choices=list(DIT_CONFIGS), default="DiT-T/4")
     dit.add_argument("--steps", type=positive_int, default=3500, help="optimiser updates (default: 3500)")
     dit.add_argument("--seed", type=int, default=0)
     dit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
     clf = which.add_parser("classifier", help="the digit classifier (about 2 min on 2 cores)")
-    clf.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-classifier"), help="output folder (default: the shipped weights)")
+    clf.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-classifier"),
+                     help="output folder (default: the shipped weights)")
     clf.add_argument("--epochs", type=positive_int, default=30)
     clf.add_argument("--seed", type=int, default=0)
     flux = which.add_parser("flux", help="the FLUX-architecture digits model, mnist-flux (about 15 min on one thread)")
-    flux.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-flux"), help="output folder (default: the shipped weights)")
+    flux.add_argument("--out", default=str(WEIGHTS_DIR / "mnist-flux"),
+                      help="output folder (default: the shipped weights)")
     flux.add_argument("--steps", type=positive_int, default=1000, help="optimiser updates (default: 1000)")
     flux.add_argument("--seed", type=int, default=0)
     flux.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
@@ -32,15 +35,15 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.which == "dit":
-        from recache.models.train_dit import train_dit
+        from recache.training.dit import train_dit
 
         info = train_dit(args.out, architecture=args.architecture, steps=args.steps, seed=args.seed, resume=args.resume)
     elif args.which == "flux":
-        from recache.models.train_flux_digits import train_flux_digits
+        from recache.training.flux_digits import train_flux_digits
 
         info = train_flux_digits(args.out, steps=args.steps, seed=args.seed, resume=args.resume)
     else:
-        from recache.models.train_classifier import train_classifier
+        from recache.training.classifier import train_classifier
 
         info = train_classifier(args.out, epochs=args.epochs, seed=args.seed)
     print(", ".join(f"{k}={v}" for k, v in info.items() if k != "data"))

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 
-from recache.cli.options import add_model_options, add_schedule_options, batch_int, check_writable_file, digit_classes, resolve_schedule
+from recache.cli.options import (
+    add_model_options,
+    add_schedule_options,
+    batch_int,
+    check_writable_file,
+    digit_classes,
+    resolve_schedule,
+)
 from recache.sampling.pipeline import DigitPipeline
 from recache.viz import save_image_grid
 
@@ -17,7 +24,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample digits (uncached, or with a budget and a mechanism) and save a PNG grid")
     add_model_options(p)
     add_schedule_options(p)
-    p.add_argument("--classes", type=digit_classes, default=list(range(10)), help="digits to draw, e.g. 3,7 (default: all)")
+    p.add_argument("--classes", type=digit_classes, default=list(range(10)),
+                   help="digits to draw, e.g. 3,7 (default: all)")
     p.add_argument("--per-class", type=batch_int, default=8, help="samples per class (default: 8)")
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
     p.set_defaults(run=run)

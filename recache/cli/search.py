@@ -28,13 +28,19 @@ def add_parser(sub) -> None:
     add_model_options(p, seed_help="seed of the search (default: 0)")
     add_pipeline_options(p)
     p.add_argument("--budget", type=positive_int, required=True, help="full passes k of T")
-    p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism, help=f"caching mechanism (default: {d.mechanism})")
+    p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism,
+                   help=f"caching mechanism (default: {d.mechanism})")
     p.add_argument("--pairs", type=positive_int, default=d.pairs,
-                   help=f"calibration (class, seed) pairs, seeds 0..pairs-1, split across ranks with --nproc (default: {d.pairs})")
-    p.add_argument("--sa-iters", type=nonnegative_int, default=d.sa_iters, help=f"annealing iterations (default: {d.sa_iters})")
-    p.add_argument("--hc-iters", type=nonnegative_int, default=d.hc_iters, help=f"at most this many hill-climbing moves (default: {d.hc_iters})")
-    p.add_argument("--restarts", type=positive_int, default=d.restarts, help=f"random restarts sharing the memo (default: {d.restarts})")
-    p.add_argument("--t-max", type=nonnegative_float, default=d.t_max, help=f"initial temperature (default: {d.t_max:g})")
+                   help=f"calibration (class, seed) pairs, seeds 0..pairs-1, split across ranks with --nproc "
+                        f"(default: {d.pairs})")
+    p.add_argument("--sa-iters", type=nonnegative_int, default=d.sa_iters,
+                   help=f"annealing iterations (default: {d.sa_iters})")
+    p.add_argument("--hc-iters", type=nonnegative_int, default=d.hc_iters,
+                   help=f"at most this many hill-climbing moves (default: {d.hc_iters})")
+    p.add_argument("--restarts", type=positive_int, default=d.restarts,
+                   help=f"random restarts sharing the memo (default: {d.restarts})")
+    p.add_argument("--t-max", type=nonnegative_float, default=d.t_max,
+                   help=f"initial temperature (default: {d.t_max:g})")
     p.add_argument("--t-min", type=nonnegative_float, default=d.t_min, help=f"final temperature (default: {d.t_min:g})")
     p.add_argument("--out", default=None, help="output folder (default: runs/search/<mechanism>-k<budget>)")
     p.add_argument("--resume", action="store_true", help="reuse the losses already evaluated by the search in --out")
@@ -43,8 +49,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = SearchConfig(k=args.budget, mechanism=args.mechanism, pairs=args.pairs, sa_iters=args.sa_iters, hc_iters=args.hc_iters,
-                          restarts=args.restarts, t_max=args.t_max, t_min=args.t_min, seed=args.seed)
+    config = SearchConfig(k=args.budget, mechanism=args.mechanism, pairs=args.pairs, sa_iters=args.sa_iters,
+                          hc_iters=args.hc_iters, restarts=args.restarts, t_max=args.t_max, t_min=args.t_min,
+                          seed=args.seed)
     out = Path(args.out or f"runs/search/{args.mechanism}-k{args.budget}")
     distributed.on_main(lambda: check_writable(out))  # before loading and sampling, not after
     pipe = load_sampler(args)
@@ -56,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     uniform = schedule.metadata["uniform_loss"]
     plot_search_history(history, out / "search.png", uniform)
     print(f"k = {schedule.k} of {schedule.T} ({args.mechanism}): computed steps {schedule.steps}")
-    print(f"MSE to uncached on {config.pairs} calibration pairs: {schedule.metadata['search_loss']:.4g} (uniform schedule: {uniform:.4g}); "
+    print(f"MSE to uncached on {config.pairs} calibration pairs: {schedule.metadata['search_loss']:.4g} "
+          f"(uniform schedule: {uniform:.4g}); "
           f"{schedule.metadata['evaluations']} schedules evaluated in {seconds:.0f} s")
     use = "recache.enable(pipe, schedule=...)" if args.pipeline else "recache sample/eval --schedule"
-    print(f"schedule -> {out / SCHEDULE} (use with {use}), history -> {out / 'history.jsonl'}, plot -> {out / 'search.png'}")
+    print(f"schedule -> {out / SCHEDULE} (use with {use}), history -> {out / 'history.jsonl'}, "
+          f"plot -> {out / 'search.png'}")
     return 0
 

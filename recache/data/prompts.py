@@ -20,7 +20,8 @@ def _checked(rows: list[dict], path: Path) -> list[dict]:
             raise RecacheError(f"prompts file {path}: entry {i} has no non-empty 'prompt'")
         extra = set(row) - set(PROMPT_KEYS)
         if extra:
-            raise RecacheError(f"prompts file {path}: entry {i} has unknown keys {sorted(extra)}; allowed: {', '.join(PROMPT_KEYS)}")
+            raise RecacheError(f"prompts file {path}: entry {i} has unknown keys {sorted(extra)}; "
+                               f"allowed: {', '.join(PROMPT_KEYS)}")
     if not rows:
         raise RecacheError(f"prompts file {path} holds no prompts")
     if len({tuple(sorted(row)) for row in rows}) > 1:

@@ -4,7 +4,6 @@ on the same held-out pairs, written as JSONL rows, a Markdown report and PNG plo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,14 +13,19 @@ from tqdm.auto import tqdm
 from recache import distributed
 from recache.errors import RecacheError
 from recache.evaluation.evaluate import METRICS, Method, evaluate, make_reference
-from recache.evaluation.plots import plot_quality_vs_budget, plot_quality_vs_cost, plot_sample_strips, plot_schedule_heatmap
-from recache.evaluation.protocol import CALIBRATION_PAIRS, calibration_pairs
-from recache.evaluation.report import markdown_paired_table, markdown_table, paired_comparison, summarize, write_jsonl
-from recache.io import write_json
+from recache.evaluation.plots import (
+    plot_quality_vs_budget,
+    plot_quality_vs_cost,
+    plot_sample_strips,
+    plot_schedule_heatmap,
+)
+from recache.evaluation.report import markdown_paired_table, markdown_table, paired_comparison, summarize
+from recache.io import read_jsonl, write_json, write_jsonl
 from recache.metrics import mean_and_se
 from recache.models.pretrained import load_classifier
 from recache.policies.heuristics import HEURISTICS, OnlineHeuristic
 from recache.policies.heuristics.calibrate import Calibration, calibrate
+from recache.protocol import CALIBRATION_PAIRS, calibration_pairs
 
 
 def heuristic_methods(names: Sequence[str], budgets: Sequence[int], pipe, mechanisms: Sequence[str], folder: Path,
@@ -38,13 +42,14 @@ def heuristic_methods(names: Sequence[str], budgets: Sequence[int], pipe, mechan
             path = folder / f"{name}-k{k}.json"
             calibration = _saved_calibration(path)
             if calibration is None or not calibration.matches(name, k, pipe, pairs):
-                calibration = calibrate(name, k, pipe, classes, seeds, progress=progress and distributed.is_main(), fitted=fitted)
+                calibration = calibrate(name, k, pipe, classes, seeds, progress=progress and distributed.is_main(),
+                                        fitted=fitted)
                 if distributed.is_main():  # every rank calibrates alike (deterministic); rank 0 keeps the file
                     calibration.save(path)  # atomic: replaces a stale file whole
             fitted = calibration.options
             if not calibration.reachable:
-                notes.append(f"{name} cannot reach k = {k} on the calibration pairs; evaluated at the closest it reaches, "
-                             f"mean k = {calibration.mean_k:.2f} (threshold {calibration.threshold:.4g})")
+                notes.append(f"{name} cannot reach k = {k} on the calibration pairs; evaluated at the closest "
+                             f"it reaches, mean k = {calibration.mean_k:.2f} (threshold {calibration.threshold:.4g})")
             heuristic = calibration.build()
             if isinstance(heuristic, OnlineHeuristic):
                 methods.append(Method(name, heuristic.fill, k, heuristic=heuristic))
@@ -65,8 +70,8 @@ def _key(policy: str, mechanism: str, k: int) -> tuple[str, str, int]:
     return policy, mechanism, k
 
 
-def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor, seeds: list[int], timing_runs: int = 3,
-                   resume: bool = False, progress: bool = True) -> dict:
+def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor, seeds: list[int],
+                   timing_runs: int = 3, resume: bool = False, progress: bool = True) -> dict:
     """Evaluate every method; ``rows.jsonl`` is rewritten after each one, so ``resume`` keeps the methods already
     in it whose rows cover exactly these (class, seed) pairs at this T, and evaluates the others again. Writes
     ``rows.jsonl``, ``summary.json`` and the plots; returns rows, summary, paired comparisons and the uncached samples.
@@ -77,7 +82,8 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
     if len(set(keys)) != len(keys):
         raise RecacheError("two methods have the same policy, mechanism and budget; give them different labels")
     if len(seeds) < distributed.world_size():
-        raise RecacheError(f"{len(seeds)} pairs cannot be shared by {distributed.world_size()} ranks; evaluate more pairs")
+        raise RecacheError(f"{len(seeds)} pairs cannot be shared by {distributed.world_size()} ranks; "
+                           "evaluate more pairs")
     main = distributed.is_main()
     classifier = load_classifier()
     ref = make_reference(pipe, classifier, classes, seeds)
@@ -92,7 +98,8 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
                 if main:
                     write_jsonl(out / "rows.jsonl", rows)
     except distributed.RankLost as e:
-        raise distributed.RankLost(f"{e}; the rows of the methods done are kept in {out / 'rows.jsonl'}: resume with --resume") from None
+        raise distributed.RankLost(f"{e}; the rows of the methods done are kept in {out / 'rows.jsonl'}: "
+                                   "resume with --resume") from None
     summary, paired = summarize(rows), paired_comparison(rows)
     budgets = sorted({m.k for m in methods})
     if main:
@@ -111,17 +118,12 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
 def _complete_rows(path: Path, keys: list[tuple], classes: torch.Tensor, seeds: list[int], T: int) -> list[dict]:
     """The rows of ``path`` for the methods in ``keys`` whose rows are exactly one per (class, seed) pair, at ``T``.
     Damaged lines are skipped: their methods are evaluated again."""
-    if not path.exists():
-        return []
     pairs = sorted((int(c), int(s)) for c, s in zip(classes, seeds, strict=True))
     by_key: dict[tuple, list[dict]] = {}
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (isinstance(r, dict) and all(k in r for k in ("class", "seed", "T", "full_passes", *METRICS))
-                and isinstance(r.get("policy"), str) and isinstance(r.get("mechanism"), str) and isinstance(r.get("k"), int)
+    for r in read_jsonl(path):
+        if (all(k in r for k in ("class", "seed", "T", "full_passes", *METRICS))
+                and isinstance(r.get("policy"), str) and isinstance(r.get("mechanism"), str)
+                and isinstance(r.get("k"), int)
                 and isinstance(r["class"], int) and isinstance(r["seed"], int)):
             by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), []).append(r)
     return [r for key, group in by_key.items() if key in keys and all(r.get("T") == T for r in group)
@@ -144,20 +146,24 @@ def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_di
     by_key: dict[tuple, dict] = {}
     for r in rows:
         by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), {})[(r["class"], r["seed"])] = r
-    groups = {"uniform": lambda p: p == "uniform", "best heuristic": lambda p: p in HEURISTICS, "ReCache": lambda p: p.startswith("recache")}
+    groups = {"uniform": lambda p: p == "uniform", "best heuristic": lambda p: p in HEURISTICS,
+              "ReCache": lambda p: p.startswith("recache")}
     names = {"uniform": "uniform schedule", "best heuristic": "calibrated heuristic", "ReCache": "ReCache policy"}
     entries, lines, left_out = [], [], []
     for k in budgets:
         evaluated = {group: [(key, samples, sum(r["full_passes"] for r in samples.values()) / len(samples))
-                             for key, samples in by_key.items() if key[2] == k and member(key[0])] for group, member in groups.items()}
+                             for key, samples in by_key.items() if key[2] == k and member(key[0])]
+                     for group, member in groups.items()}
         if not all(evaluated.values()):
             continue  # a kind of method not evaluated at this budget: no headline row to speak of
         best = {}
         for group, members in evaluated.items():
             at_budget = [(key, samples) for key, samples, realised in members if abs(realised - k) <= 0.5]
-            off = [f"{key[0]} / {key[1]} (realised k = {realised:.2f})" for key, _, realised in members if abs(realised - k) > 0.5]
+            off = [f"{key[0]} / {key[1]} (realised k = {realised:.2f})"
+                   for key, _, realised in members if abs(realised - k) > 0.5]
             if not at_budget:
-                left_out.append(f"- No row at k = {k}: no {names[group]} within half a pass of the budget (left out: {', '.join(off)}).")
+                left_out.append(f"- No row at k = {k}: no {names[group]} within half a pass of the budget "
+                                f"(left out: {', '.join(off)}).")
                 continue
             best[group] = min(at_budget, key=lambda c: sum(r[metric] for r in c[1].values()) / len(c[1]))
             if off:
@@ -167,8 +173,10 @@ def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_di
         entry = {"k": k}
         for group, (key, samples) in best.items():
             first = next(iter(samples.values()))
-            entry[group] = {"policy": key[0], "mechanism": key[1], metric: sum(r[metric] for r in samples.values()) / len(samples),
-                            "realised_k": sum(r["full_passes"] for r in samples.values()) / len(samples), "speedup": first["speedup"]}
+            entry[group] = {"policy": key[0], "mechanism": key[1],
+                            metric: sum(r[metric] for r in samples.values()) / len(samples),
+                            "realised_k": sum(r["full_passes"] for r in samples.values()) / len(samples),
+                            "speedup": first["speedup"]}
         learned = best["ReCache"][1]
         for other in ("best heuristic", "uniform"):
             base = best[other][1]
@@ -176,11 +184,14 @@ def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_di
             mean, se = mean_and_se(diff)
             entry[f"vs {other}"] = {"relative": mean / entry[other][metric], "relative_se": se / entry[other][metric]}
         entries.append(entry)
-        lines.append(f"| {k} | {_cell(entry['uniform'], metric)} | {_cell(entry['best heuristic'], metric)} | {_cell(entry['ReCache'], metric)} | "
-                     + " | ".join(f"{100 * entry[f'vs {o}']['relative']:+.1f} % ± {100 * entry[f'vs {o}']['relative_se']:.1f}"
+        lines.append(f"| {k} | {_cell(entry['uniform'], metric)} | {_cell(entry['best heuristic'], metric)} | "
+                     f"{_cell(entry['ReCache'], metric)} | "
+                     + " | ".join(f"{100 * entry[f'vs {o}']['relative']:+.1f} % "
+                                  f"± {100 * entry[f'vs {o}']['relative_se']:.1f}"
                                   for o in ("best heuristic", "uniform")) + " |")
-    table = ("| k of T | uniform (best mechanism) | best calibrated heuristic | ReCache (best mechanism) | ReCache vs heuristic | "
-             "ReCache vs uniform |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n") if entries else ""
+    table = ("| k of T | uniform (best mechanism) | best calibrated heuristic | ReCache (best mechanism) | "
+             "ReCache vs heuristic | ReCache vs uniform |\n|---|---|---|---|---|---|\n"
+             + "\n".join(lines) + "\n") if entries else ""
     notes = "\n".join(left_out) + "\n" if left_out else ""
     return entries, table + ("\n" if table and notes else "") + notes
 
@@ -197,17 +208,21 @@ def markdown_report(result: dict, title: str, intro: str, notes: Sequence[str] =
     if head:  # only when uniform, a heuristic and ReCache were all evaluated at some budget
         text += f"## Headline: classifier feature distance to the uncached sample (lower is better)\n\n{head}\n"
     if entries:
-        text += "Cells: mean feature distance (policy / mechanism, mean realised k, measured speed-up). Relative change of " \
-                "ReCache against the other column, ± paired standard error over the same pairs.\n\n"
+        text += ("Cells: mean feature distance (policy / mechanism, mean realised k, measured speed-up). Relative "
+                 "change of ReCache against the other column, ± paired standard error over the same pairs.\n\n")
     if notes:
         text += "## Notes\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
-    text += ("## All methods\n\nMean ± standard error over the pairs. realised k: mean full passes (min-max when samples "
-             "differ); pass eq.: full passes plus probe blocks in units of a full pass; speed-up: median of same-run "
-             "wall-clock ratios against uncached sampling of 16 images.\n\n" + markdown_table(result["summary"]))
+    text += ("## All methods\n\nMean ± standard error over the pairs. realised k: mean full passes (min-max when "
+             "samples differ); pass eq.: full passes plus probe blocks in units of a full pass; speed-up: median "
+             "of same-run wall-clock ratios against uncached sampling of 16 images.\n\n"
+             + markdown_table(result["summary"]))
     if result["paired"]:
-        text += "\n## Paired against the uniform schedule (same mechanism and budget)\n\n" + markdown_paired_table(result["paired"])
+        text += ("\n## Paired against the uniform schedule (same mechanism and budget)\n\n"
+                 + markdown_paired_table(result["paired"]))
     text += "\n## Plots\n\n![quality against realised budget](quality_vs_realised_k.png)\n\n"
-    text += "![quality against measured speed-up](quality_vs_speedup.png)\n\n" if any(e["speedup"] for e in result["summary"]) else ""
+    text += ("![quality against measured speed-up](quality_vs_speedup.png)\n\n"
+             if any(e["speedup"] for e in result["summary"]) else "")
     for k in result["budgets"]:
-        text += f"![computed steps at k = {k}](schedules_k{k}.png)\n\n![samples at k = {k}: uncached first](samples_k{k}.png)\n\n"
+        text += (f"![computed steps at k = {k}](schedules_k{k}.png)\n\n"
+                 f"![samples at k = {k}: uncached first](samples_k{k}.png)\n\n")
     return text

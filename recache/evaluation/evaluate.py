@@ -39,7 +39,8 @@ class Method:
             return pipe.sample_online(self.heuristic, classes, seeds)
         images, passes = pipe.sample_with(self.schedule, self.mechanism, classes, seeds)
         if not bool((passes == self.schedule.k).all()):
-            raise RuntimeError(f"realised full passes {passes.tolist()} differ from the schedule's k = {self.schedule.k}")
+            raise RuntimeError(f"realised full passes {passes.tolist()} differ from the schedule's "
+                               f"k = {self.schedule.k}")
         return images, self.schedule.as_tensor().expand(len(seeds), -1)
 
     @property
@@ -53,7 +54,8 @@ class Reference:
     """Uncached samples for the pairs (computed once), their classifier features, wall time and FLOPs per sample.
 
     Under torchrun ``classes``, ``seeds``, ``images`` and ``features`` are this rank's block of the pairs;
-    ``first_classes`` and ``first_seeds`` are the first pairs of all (FLOPs are counted and sample strips drawn on them)."""
+    ``first_classes`` and ``first_seeds`` are the first pairs of all (FLOPs are counted and sample strips drawn on
+    them)."""
 
     classes: torch.Tensor
     seeds: list[int]
@@ -98,7 +100,8 @@ def measure_speedup(pipe: DigitPipeline, method: Method, batch: int = 16, runs: 
 FLOP_PAIRS = 10  # FLOPs are counted on the first pairs (one per class in the held-out order)
 
 
-def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: torch.Tensor, seeds: list[int]) -> Reference:
+def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: torch.Tensor,
+                   seeds: list[int]) -> Reference:
     """The uncached reference of the pairs; under torchrun each rank samples its block, ``seconds`` is the slowest
     rank's, and only rank 0 counts FLOPs (0 elsewhere)."""
     first_classes, first_seeds = classes[:FLOP_PAIRS], seeds[:FLOP_PAIRS]
@@ -114,12 +117,14 @@ def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: to
 
 
 def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier) -> dict[str, torch.Tensor]:
-    scores = {"rel_l2": relative_l2(images, ref.images), "psnr": psnr(images, ref.images), "ssim": ssim(images, ref.images)}
+    scores = {"rel_l2": relative_l2(images, ref.images), "psnr": psnr(images, ref.images),
+              "ssim": ssim(images, ref.images)}
     scores.update(classifier_scores(classifier, images, ref.classes, ref.features))
     return {k: scores[k] for k in METRICS}
 
 
-def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, method: Method, timing_runs: int = 3) -> list[dict]:
+def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, method: Method,
+             timing_runs: int = 3) -> list[dict]:
     """One JSONL row per sample of all the pairs. ``timing_runs = 0`` skips the wall-clock measurement (speed-up
     reported as None). Under torchrun each rank scores its block, rank 0 alone measures time and FLOPs (so no other
     rank competes for the machine meanwhile), and every rank gets all the rows, in the pairs' order."""
@@ -146,4 +151,5 @@ def _cost(pipe: DigitPipeline, ref: Reference, method: Method, timing_runs: int)
         speedup, seconds = (round(v, 4) for v in measure_speedup(pipe, method, runs=timing_runs))
     flops = flops_per_sample(pipe, method, ref.first_classes, ref.first_seeds)
     return {"policy": method.policy, "mechanism": method.mechanism, "T": pipe.steps, "k": method.k,
-            "flops": round(flops), "flops_reduction": round(ref.flops_per_sample / flops, 4), "seconds_16": seconds, "speedup": speedup}
+            "flops": round(flops), "flops_reduction": round(ref.flops_per_sample / flops, 4), "seconds_16": seconds,
+            "speedup": speedup}

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from recache.io import atomic_path  # noqa: E402
 from recache.viz import image_grid  # noqa: E402
 
-LABELS = {"rel_l2": "relative L2 to uncached (lower is better)", "feature_distance": "classifier feature distance (lower is better)",
+LABELS = {"rel_l2": "relative L2 to uncached (lower is better)",
+          "feature_distance": "classifier feature distance (lower is better)",
           "psnr": "PSNR to uncached, dB (higher is better)", "ssim": "SSIM to uncached (higher is better)"}
 
 
@@ -27,8 +28,10 @@ def _save(fig, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike, metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
-    """Colour = mechanism, line style = policy (solid for the first policy in sorted order, e.g. recache before uniform)."""
+def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike,
+                           metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
+    """Colour = mechanism, line style = policy (solid for the first policy in sorted order, e.g. recache before
+    uniform)."""
     lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in summary:
         lines[(e["policy"], e["mechanism"])].append(e)
@@ -39,8 +42,9 @@ def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike, metrics
     for ax, metric in zip(axes[0], metrics, strict=True):
         for (policy, mechanism), entries in sorted(lines.items()):
             entries = sorted(entries, key=lambda e: e["k"])
-            ax.errorbar([e["k"] for e in entries], [e[metric] for e in entries], yerr=[e[metric + "_se"] for e in entries],
-                        marker="o", ms=3, capsize=2, label=f"{policy} / {mechanism}", color=f"C{mechanisms.index(mechanism) % 10}",
+            ax.errorbar([e["k"] for e in entries], [e[metric] for e in entries],
+                        yerr=[e[metric + "_se"] for e in entries], marker="o", ms=3, capsize=2,
+                        label=f"{policy} / {mechanism}", color=f"C{mechanisms.index(mechanism) % 10}",
                         linestyle=styles[policies.index(policy) % len(styles)])
         ax.set_xlabel(f"budget k (full passes of T = {summary[0]['T']})")
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
@@ -52,13 +56,14 @@ def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike, metrics
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
 
 
 def plot_training_curve(log: list[dict], path: str | os.PathLike, window: int = 10) -> None:
     """Reward, its fidelity and quality parts, and the policy entropy per update (thin: raw, thick: running mean)."""
-    keys = (("reward", "reward R"), ("fidelity", "fidelity D (lower is better)"), ("quality", "quality Q: log p(class)"),
-            ("entropy", "policy entropy (nats)"))
+    keys = (("reward", "reward R"), ("fidelity", "fidelity D (lower is better)"),
+            ("quality", "quality Q: log p(class)"), ("entropy", "policy entropy (nats)"))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
     updates = [row["update"] for row in log]
     for ax, (key, title) in zip(axes, keys, strict=True):
@@ -76,8 +81,10 @@ def plot_search_history(history: list[dict], path: str | os.PathLike, uniform_lo
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for i, phase in enumerate(("init", "anneal", "climb")):
         rows = [r for r in history if r["phase"] == phase]
-        ax.scatter([r["evaluation"] for r in rows], [r["loss"] for r in rows], s=6, alpha=0.5, color=f"C{i}", label=phase)
-    ax.plot([r["evaluation"] for r in history], [r["best_loss"] for r in history], color="k", lw=1.5, label="best so far")
+        ax.scatter([r["evaluation"] for r in rows], [r["loss"] for r in rows], s=6, alpha=0.5, color=f"C{i}",
+                   label=phase)
+    ax.plot([r["evaluation"] for r in history], [r["best_loss"] for r in history], color="k", lw=1.5,
+            label="best so far")
     if uniform_loss is not None:
         ax.axhline(uniform_loss, color="gray", ls="--", lw=1, label="uniform schedule")
     ax.set_yscale("log")
@@ -127,10 +134,12 @@ def plot_quality_vs_cost(summary: list[dict], path: str | os.PathLike, x: str = 
         for label, entries in sorted(lines.items()):
             entries = sorted(entries, key=lambda e: e[x])
             policy = entries[0]["policy"]
-            ax.errorbar([e[x] for e in entries], [e[metric] for e in entries], yerr=[e[metric + "_se"] for e in entries],
-                        marker=markers[mechanisms.index(entries[0]["mechanism"]) % len(markers)], ms=4, capsize=2, lw=1.2, label=label,
-                        color=f"C{policies.index(policy) % 10}")
-        ax.set_xlabel("mean realised full passes k" if x == "realised_k" else "measured speed-up over uncached (batch 16)")
+            ax.errorbar([e[x] for e in entries], [e[metric] for e in entries],
+                        yerr=[e[metric + "_se"] for e in entries],
+                        marker=markers[mechanisms.index(entries[0]["mechanism"]) % len(markers)], ms=4, capsize=2,
+                        lw=1.2, label=label, color=f"C{policies.index(policy) % 10}")
+        ax.set_xlabel("mean realised full passes k" if x == "realised_k"
+                      else "measured speed-up over uncached (batch 16)")
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
         if metric in ("rel_l2", "feature_distance"):
             ax.set_yscale("log")
@@ -150,7 +159,8 @@ def plot_schedule_heatmap(rows: list[dict], k: int, path: str | os.PathLike) -> 
     fractions = [[sum(col) / len(m) for col in zip(*m, strict=True)] for m in (masks[label] for label in labels)]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.2))
     image = ax.imshow(fractions, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(labels)), [f"{label}  (k = {sum(map(sum, masks[label])) / len(masks[label]):.1f})" for label in labels],
+    ax.set_yticks(range(len(labels)),
+                  [f"{label}  (k = {sum(map(sum, masks[label])) / len(masks[label]):.1f})" for label in labels],
                   fontsize=7)
     ax.set_xlabel("sampler step i (0 = pure noise)")
     ax.set_title(f"computed steps at budget k = {k} (shade: fraction of samples computing the step)", fontsize=9)
@@ -160,7 +170,8 @@ def plot_schedule_heatmap(rows: list[dict], k: int, path: str | os.PathLike) -> 
 
 def plot_sample_strips(strips: list[tuple[str, torch.Tensor]], path: str | os.PathLike) -> None:
     """One labelled row of digits per method (the first row uncached), the same (class, seed) in each column."""
-    fig, axes = plt.subplots(len(strips), 1, figsize=(0.62 * len(strips[0][1]) + 2.4, 0.72 * len(strips)), squeeze=False)
+    fig, axes = plt.subplots(len(strips), 1, figsize=(0.62 * len(strips[0][1]) + 2.4, 0.72 * len(strips)),
+                             squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], strips, strict=True):
         ax.imshow(image_grid(images, nrow=len(images)).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([])

@@ -1,23 +1,16 @@
-"""Results as files a person reads: JSONL rows (one per sample) and a Markdown summary table."""
+"""Results as files a person reads: summaries, paired comparisons and Markdown tables (rows are written as JSONL by
+``recache.io.write_jsonl``)."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 
 import torch
 
 from recache.evaluation.evaluate import METRICS
-from recache.io import atomic_path
 from recache.metrics import mean_and_se
 
 LOWER_IS_BETTER = {"rel_l2": True, "psnr": False, "ssim": False, "feature_distance": True, "class_correct": False}
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -39,11 +32,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    head = ("| policy | mechanism | k / T | realised k | pass eq. | FLOPs red. | speed-up | rel. L2 | PSNR (dB) | SSIM | "
-            "feature dist. | class acc. |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| policy | mechanism | k / T | realised k | pass eq. | FLOPs red. | speed-up | rel. L2 | PSNR (dB) | "
+            "SSIM | feature dist. | class acc. |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for e in summary:
-        cells = [f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr" else f"{e[m]:.2f} ± {e[m + '_se']:.2f}" for m in METRICS[:-1]]
+        cells = [f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr" else f"{e[m]:.2f} ± {e[m + '_se']:.2f}"
+                 for m in METRICS[:-1]]
         cells.append(f"{e['class_correct']:.1%}")
         spread = "" if e["realised_k_min"] == e["realised_k_max"] else f" ({e['realised_k_min']}-{e['realised_k_max']})"
         lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:.4g}{spread} | "
@@ -52,14 +46,16 @@ def markdown_table(summary: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def paired_comparison(rows: list[dict], baseline: str = "uniform", metrics=("rel_l2", "feature_distance")) -> list[dict]:
+def paired_comparison(rows: list[dict], baseline: str = "uniform",
+                      metrics=("rel_l2", "feature_distance")) -> list[dict]:
     """Every other policy against ``baseline`` at the same mechanism and k, paired over the same (class, seed):
     mean difference (policy - baseline), its paired standard error, and a verdict at two standard errors."""
     by_key = defaultdict(dict)
     for r in rows:
         by_key[(r["policy"], r["mechanism"], r["k"])][(r["class"], r["seed"])] = r
     out = []
-    for (policy, mechanism, k), samples in sorted(by_key.items(), key=lambda item: (item[0][2], item[0][1], item[0][0])):
+    for (policy, mechanism, k), samples in sorted(by_key.items(),
+                                                  key=lambda item: (item[0][2], item[0][1], item[0][0])):
         base = by_key.get((baseline, mechanism, k))
         if policy == baseline or base is None or base.keys() != samples.keys():
             continue
@@ -75,11 +71,12 @@ def paired_comparison(rows: list[dict], baseline: str = "uniform", metrics=("rel
 
 
 def markdown_paired_table(comparison: list[dict], metrics=("rel_l2", "feature_distance")) -> str:
-    head = "| policy | mechanism | k | " + " | ".join(f"{m}: baseline -> policy (paired diff ± SE)" for m in metrics) + " |\n"
+    head = ("| policy | mechanism | k | "
+            + " | ".join(f"{m}: baseline -> policy (paired diff ± SE)" for m in metrics) + " |\n")
     head += "|---" * (3 + len(metrics)) + "|\n"
     lines = []
     for e in comparison:
-        cells = [f"{e[m]['baseline']:.4f} -> {e[m]['baseline'] + e[m]['diff']:.4f} ({e[m]['diff']:+.4f} ± {e[m]['se']:.4f}, "
-                 f"**{e[m]['verdict']}**)" for m in metrics]
+        cells = [f"{e[m]['baseline']:.4f} -> {e[m]['baseline'] + e[m]['diff']:.4f} "
+                 f"({e[m]['diff']:+.4f} ± {e[m]['se']:.4f}, **{e[m]['verdict']}**)" for m in metrics]
         lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"

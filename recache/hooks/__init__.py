@@ -3,5 +3,5 @@
 from recache.hooks.schedule_cache import HOOK_MECHANISMS, RecacheHookConfig, RecacheStats, apply_recache, remove_recache
 from recache.hooks.transformers import SUPPORTED_TRANSFORMERS, model_fingerprint
 
-__all__ = ["HOOK_MECHANISMS", "SUPPORTED_TRANSFORMERS", "RecacheHookConfig", "RecacheStats", "apply_recache", "model_fingerprint",
-           "remove_recache"]
+__all__ = ["HOOK_MECHANISMS", "SUPPORTED_TRANSFORMERS", "RecacheHookConfig", "RecacheStats", "apply_recache",
+           "model_fingerprint", "remove_recache"]

@@ -25,11 +25,9 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from recache.errors import RecacheError
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
-from recache.mechanisms import get_mechanism
-from recache.policies.recache import ReCachePolicy
-from recache.schedule import Budget, Schedule, check_budget_form, resolve_budget
+from recache.mechanisms import HOOK_MECHANISMS, get_mechanism
+from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_form, resolve_budget
 
-HOOK_MECHANISMS = ("reuse", "taylorseer", "hicache")  # those that fill a step from the block-stack residual alone
 _HEAD_HOOK, _BLOCK_HOOK = "recache_head", "recache_block"
 _DEFAULT_CONTEXT = "default"  # the state of calls made outside any cache_context
 
@@ -42,8 +40,8 @@ class RecacheHookConfig:
         budget: full passes per generation and CFG branch: an int ``k``, a fraction of the steps in (0, 1], or a
             speed-up such as ``"4x"`` (resolved per call against its step count). May be omitted with ``schedule``.
         mechanism: what fills a cached step: ``reuse``, ``taylorseer`` or ``hicache``.
-        policy: a learned ``ReCachePolicy`` giving the schedule for any budget and step count; ``None`` uses the
-            uniform schedule (or ``schedule``).
+        policy: a ``SchedulePlanner`` (a learned ``ReCachePolicy``) giving the schedule for any budget and step
+            count; ``None`` uses the uniform schedule (or ``schedule``).
         schedule: a fixed ``Schedule``; a call must then run exactly ``schedule.T`` steps.
         num_inference_steps: the step count ``T`` when neither the cache context nor ``steps_source`` says it.
         steps_source: called at the first step of each generation to read ``T`` (``recache.enable`` passes the
@@ -52,20 +50,22 @@ class RecacheHookConfig:
 
     budget: Budget | None = None
     mechanism: str = "taylorseer"
-    policy: ReCachePolicy | None = None
+    policy: SchedulePlanner | None = None
     schedule: Schedule | None = None
     num_inference_steps: int | None = None
     steps_source: Callable[[], int | None] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.mechanism not in HOOK_MECHANISMS:
-            raise RecacheError(f"mechanism {self.mechanism!r} cannot run as a diffusers hook; choose one of {', '.join(HOOK_MECHANISMS)}")
+            raise RecacheError(f"mechanism {self.mechanism!r} cannot run as a diffusers hook; "
+                               f"choose one of {', '.join(HOOK_MECHANISMS)}")
         if self.budget is None and self.schedule is None:
             raise RecacheError("give a budget (k, a fraction of the steps, or a speed-up like '4x') or a schedule")
         if self.schedule is not None and self.policy is not None:
             raise RecacheError("give a policy or a fixed schedule, not both")
-        if self.policy is not None and self.policy.config.mechanism != self.mechanism:
-            raise RecacheError(f"the policy was trained for mechanism {self.policy.config.mechanism!r}, not {self.mechanism!r}")
+        if self.policy is not None and self.policy.mechanism != self.mechanism:
+            raise RecacheError(f"the policy was trained for mechanism {self.policy.mechanism!r}, "
+                               f"not {self.mechanism!r}")
         if self.budget is not None:
             check_budget_form(self.budget)
         if self.num_inference_steps is not None:
@@ -79,7 +79,8 @@ class RecacheHookConfig:
             if self.schedule.T != T:
                 raise RecacheError(f"the schedule is for T={self.schedule.T} steps, but this call runs {T}")
             if self.budget is not None and resolve_budget(self.budget, T) != self.schedule.k:
-                raise RecacheError(f"budget {self.budget!r} asks for k={resolve_budget(self.budget, T)}, the schedule has k={self.schedule.k}")
+                raise RecacheError(f"budget {self.budget!r} asks for k={resolve_budget(self.budget, T)}, "
+                                   f"the schedule has k={self.schedule.k}")
             return self.schedule
         k = resolve_budget(self.budget, T)
         return self.policy.schedule_for_steps(k, T) if self.policy is not None else Schedule.uniform(T, k)
@@ -193,11 +194,12 @@ class _HeadHook(_BlockHook):
 
     def _start(self, st: _ContextState, rows: int) -> None:
         ctx = self.state_manager.context
-        T = ctx.num_inference_steps or (self.config.steps_source() if self.config.steps_source else None) or self.config.num_inference_steps
+        T = (ctx.num_inference_steps or (self.config.steps_source() if self.config.steps_source else None)
+             or self.config.num_inference_steps)
         T = T or (self.config.schedule.T if self.config.schedule is not None else None)
         if not T:
-            raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to RecacheHookConfig "
-                               "(or use recache.enable on the pipeline)")
+            raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to "
+                               "RecacheHookConfig (or use recache.enable on the pipeline)")
         st.schedule = self.config.plan(int(T))
         st.mechanisms = {"h": get_mechanism(self.config.mechanism), "e": get_mechanism(self.config.mechanism)}
         for mechanism in st.mechanisms.values():
@@ -226,7 +228,8 @@ class _HeadHook(_BlockHook):
         h, e = _io(self.meta, args, kwargs)
         compute = self._decide(st, h.shape[0])
         if compute:
-            st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)  # clone: a block may write its input in place
+            # clone: a block may write its input in place
+            st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)
             out = self.fn_ref.original_forward(*args, **kwargs)
             if self.is_tail:
                 self._record(st, out)
@@ -253,21 +256,26 @@ def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> Re
     the hooks fill (``recache.summary`` reads it). Everything is checked before the model is touched."""
     blocks = transformer_blocks(transformer)
     if is_recache_enabled(transformer):
-        raise RecacheError("recache is already enabled on this transformer; disable it first (recache.disable / remove_recache)")
+        raise RecacheError("recache is already enabled on this transformer; disable it first "
+                           "(recache.disable / remove_recache)")
     if getattr(transformer, "is_cache_enabled", False):
-        raise RecacheError("a diffusers cache is enabled on this transformer; call transformer.disable_cache() first (one cache at a time)")
-    if config.policy is not None and config.policy.config.model != model_fingerprint(transformer):
-        raise RecacheError(f"the policy was trained for model {config.policy.config.model!r}, not {model_fingerprint(transformer)!r}")
+        raise RecacheError("a diffusers cache is enabled on this transformer; call transformer.disable_cache() first "
+                           "(one cache at a time)")
+    if config.policy is not None and config.policy.model != model_fingerprint(transformer):
+        raise RecacheError(f"the policy was trained for model {config.policy.model!r}, "
+                           f"not {model_fingerprint(transformer)!r}")
     for block in blocks:
         try:
             TransformerBlockRegistry.get(type(block))
         except ValueError:
-            raise RecacheError(f"block class {type(block).__name__} is not registered with diffusers' TransformerBlockRegistry") from None
+            raise RecacheError(f"block class {type(block).__name__} is not registered with diffusers' "
+                               "TransformerBlockRegistry") from None
     state_manager, stats = _StateManager(_ContextState), RecacheStats(config.mechanism)
     head = _HeadHook(state_manager, config, stats, is_tail=len(blocks) == 1)
     HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(head, _HEAD_HOOK)
     for i, block in enumerate(blocks[1:], start=1):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(state_manager, i == len(blocks) - 1), _BLOCK_HOOK)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(
+            _BlockHook(state_manager, i == len(blocks) - 1), _BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     return stats
 

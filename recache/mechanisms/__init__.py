@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from recache.errors import RecacheError
-from recache.mechanisms.base import CacheableModel, Mechanism
+from recache.mechanisms.base import CacheableModel, Mechanism, Uncached
 from recache.mechanisms.delta import Delta
 from recache.mechanisms.hicache import HiCache
 from recache.mechanisms.reuse import Reuse
@@ -11,6 +11,7 @@ from recache.mechanisms.step_skip import StepSkip
 from recache.mechanisms.taylorseer import TaylorSeer
 
 MECHANISMS: dict[str, type[Mechanism]] = {m.name: m for m in (StepSkip, Reuse, Delta, TaylorSeer, HiCache)}
+HOOK_MECHANISMS = tuple(name for name, m in MECHANISMS.items() if m.runs_as_hook)  # those diffusers hooks can run
 
 
 def get_mechanism(name: str, **options) -> Mechanism:
@@ -23,4 +24,4 @@ def get_mechanism(name: str, **options) -> Mechanism:
         raise RecacheError(f"bad options for mechanism {name!r}: {e}") from None
 
 
-__all__ = ["CacheableModel", "MECHANISMS", "Mechanism", "get_mechanism"]
+__all__ = ["CacheableModel", "HOOK_MECHANISMS", "MECHANISMS", "Mechanism", "Uncached", "get_mechanism"]

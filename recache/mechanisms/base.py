@@ -13,6 +13,8 @@ from typing import ClassVar, Protocol
 import torch
 
 Rows = torch.Tensor | slice
+Step = int | torch.Tensor  # one step for every row, or one per row (rows on their own clocks)
+ALL = slice(None)
 
 
 class TransformerBlock(Protocol):
@@ -42,31 +44,79 @@ def run_blocks(blocks: Sequence[TransformerBlock], h: torch.Tensor, c: torch.Ten
 
 
 class Mechanism:
-    """Base class. Subclasses implement ``record`` (after a full pass) and ``cached_pass``."""
+    """Base class. Subclasses implement ``record`` (after a full pass) and ``cached_pass``.
+
+    ``step_output`` is the one step dispatch of the package: the embedded sampler, the batched rollouts and the
+    online heuristics call it (the heuristics through ``blocks_or_cache``). The diffusers hooks, where the pipeline
+    runs the blocks itself, call the same ``record`` and ``cached_pass`` from the first and last block.
+    """
 
     name: ClassVar[str]
-    reuses_output: ClassVar[bool] = False  # True only for step-skip: it reuses the model output itself
+    fills_block_stack: ClassVar[bool] = True  # False for step-skip, which reuses the model output itself
+    runs_as_hook: ClassVar[bool] = False  # True when a cached step needs only the block stack's input (diffusers hooks)
 
     def reset(self, rows: int, steps: int) -> None:
-        """Drop all state before a sampling call with ``rows`` batch rows and ``steps`` steps."""
+        """Drop all state before a sampling call with ``rows`` batch rows and ``steps`` steps; ``full_passes``
+        counts, per row, the steps on which the block stack really ran."""
         self.rows, self.total_steps = rows, steps
+        self.full_passes = torch.zeros(rows, dtype=torch.long)
 
-    def full_pass(self, step: int | torch.Tensor, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+    def step_output(self, model: CacheableModel, step: Step, split: Split, x: torch.Tensor, c: torch.Tensor,
+                    rows: Rows = ALL) -> torch.Tensor:
+        """The model output of one sampler step for the rows of ``x`` (conditioning ``c``): those that compute
+        (``split``) run the block stack together, the others are filled by the mechanism; embedding and final layer
+        run for every row. ``rows`` maps the rows of ``x`` to this mechanism's state rows (all of them by default)."""
+        h = model.embed(x)
+        return model.final(self.blocks_or_cache(step, split, h, c, model.blocks, rows), c)
+
+    def blocks_or_cache(self, step: Step, split: Split, h: torch.Tensor, c: torch.Tensor,
+                        blocks: Sequence[TransformerBlock], rows: Rows = ALL) -> torch.Tensor:
+        """The block stack's output: rows that compute run the blocks (counted in ``full_passes``), the others are
+        filled by ``cached_pass``."""
+
+        def full(r):
+            self.full_passes[subset(rows, r)] += 1
+            return self.full_pass(subset(step, r), subset(rows, r), h[r], c[r], blocks)
+
+        return by_rows(split, h, full, lambda r: self.cached_pass(subset(step, r), subset(rows, r), h[r], c[r], blocks))
+
+    def full_pass(self, step: Step, rows: Rows, h: torch.Tensor, c: torch.Tensor,
+                  blocks: Sequence[TransformerBlock]) -> torch.Tensor:
         """Run every block on these rows and record what the mechanism keeps. ``step`` is the rows' step, or a tensor
         of one step per row when rows run on their own clocks (batched rollouts); the same holds for every method."""
         h_out = run_blocks(blocks, h, c)
         self.record(step, rows, h, h_out)
         return h_out
 
-    def record(self, step: int | torch.Tensor, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+    def record(self, step: Step, rows: Rows, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def cached_pass(self, step: int | torch.Tensor, rows: Rows, h: torch.Tensor, c: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
+    def cached_pass(self, step: Step, rows: Rows, h: torch.Tensor, c: torch.Tensor,
+                    blocks: Sequence[TransformerBlock]) -> torch.Tensor:
         """The block stack's output for rows that do not compute at ``step``."""
         raise NotImplementedError
 
 
+class Uncached(Mechanism):
+    """No caching: every step runs the full network. The uncached sampler runs on the same code path as the cached
+    ones, so a schedule that computes every step reproduces it bit for bit."""
+
+    name = "none"
+
+    def record(self, step, rows, h_in, h_out):
+        pass
+
+    def cached_pass(self, step, rows, h, c, blocks):
+        raise RuntimeError("the uncached sampler has no cached steps")
+
+
 Split = bool | tuple[torch.Tensor, torch.Tensor]
+
+
+def subset(per_row: Rows | Step, r: Rows) -> Rows | Step:
+    """``per_row`` (state rows or steps, one per row of a call) for the call's rows ``r``; a slice or an int stands
+    for every row alike and is passed through."""
+    return per_row[r] if isinstance(per_row, torch.Tensor) else (r if isinstance(per_row, slice) else per_row)
 
 
 def row_split(compute: torch.Tensor) -> Split:
@@ -83,21 +133,14 @@ def by_rows(split: Split, like: torch.Tensor, full, cached) -> torch.Tensor:
     """Stitch ``full(rows)`` for the computing rows of ``split`` and ``cached(rows)`` for the others into one tensor
     shaped like ``like``; when all rows take one path it is called once with ``slice(None)``."""
     if split is True:
-        return full(slice(None))
+        return full(ALL)
     if split is False:
-        return cached(slice(None))
+        return cached(ALL)
     idx, rest = split
     out = torch.empty_like(like)
     out[idx] = full(idx)
     out[rest] = cached(rest)
     return out
-
-
-def blocks_or_cache(mechanism: Mechanism, step: int, split: Split, h: torch.Tensor, c: torch.Tensor,
-                    blocks: Sequence[TransformerBlock]) -> torch.Tensor:
-    """The block stack's output: rows that compute run the blocks together, the others are filled by ``mechanism``."""
-    return by_rows(split, h, lambda rows: mechanism.full_pass(step, rows, h[rows], c[rows], blocks),
-                   lambda rows: mechanism.cached_pass(step, rows, h[rows], c[rows], blocks))
 
 
 class RowState:

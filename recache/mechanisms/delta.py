@@ -40,7 +40,8 @@ class Delta(Mechanism):
         if not isinstance(split, tuple):  # all rows in one stage
             return (self._early if split else self._late)(rows, h, c, blocks)
         ids = torch.arange(self.rows)[rows]  # rows of this mechanism's state
-        return by_rows(split, h, lambda r: self._early(ids[r], h[r], c[r], blocks), lambda r: self._late(ids[r], h[r], c[r], blocks))
+        return by_rows(split, h, lambda r: self._early(ids[r], h[r], c[r], blocks),
+                       lambda r: self._late(ids[r], h[r], c[r], blocks))
 
     def _early(self, rows, h, c, blocks):
         return run_blocks(blocks[: self._split(blocks)], h, c) + self.rear.read(rows)

@@ -18,6 +18,8 @@ from recache.mechanisms.base import Mechanism, Rows, RowState
 class DividedDifferences(Mechanism):
     """Base for ``taylorseer`` and ``hicache``: the feature is the block-stack residual ``h_out - h_in``."""
 
+    runs_as_hook = True
+
     def __init__(self, order: int = 1):
         if order not in (1, 2):
             raise ValueError(f"forecast order must be 1 or 2, got {order!r}")

@@ -11,6 +11,7 @@ from recache.mechanisms.base import Mechanism, RowState
 
 class Reuse(Mechanism):
     name = "reuse"
+    runs_as_hook = True
 
     def reset(self, rows: int, steps: int) -> None:
         super().reset(rows, steps)

@@ -14,7 +14,8 @@ def classifier_scores(classifier: DigitClassifier, x: torch.Tensor, classes: tor
     ``class_correct`` (argmax equals the intended class) and ``class_logprob`` (log p(intended class))."""
     features = classifier.features(x)
     logp = classifier.head(features).log_softmax(-1)
-    scores = {"class_correct": (logp.argmax(-1) == classes).float(), "class_logprob": logp.gather(1, classes[:, None])[:, 0]}
+    scores = {"class_correct": (logp.argmax(-1) == classes).float(),
+              "class_logprob": logp.gather(1, classes[:, None])[:, 0]}
     if ref_features is not None:
         scores["feature_distance"] = (features - ref_features).norm(dim=1)
     return scores

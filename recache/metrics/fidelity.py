@@ -25,4 +25,5 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """SSIM per sample (torchmetrics), with a 7x7 Gaussian window (sigma 1) to suit 20x20 digits."""
-    return structural_similarity_index_measure(_unit(x), _unit(ref), data_range=1.0, kernel_size=7, sigma=1.0, reduction="none")
+    return structural_similarity_index_measure(_unit(x), _unit(ref), data_range=1.0, kernel_size=7, sigma=1.0,
+                                               reduction="none")

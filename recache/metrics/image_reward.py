@@ -18,7 +18,8 @@ def load_image_reward(name: str = "ImageReward-v1.0") -> Callable[[torch.Tensor,
 
         model = image_reward.load(name, device="cpu").eval()
     except Exception as e:  # missing package, or weights that cannot be downloaded here
-        raise RecacheError(f"ImageReward is not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise RecacheError("ImageReward is not available "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                            "install the 'image-reward' extra with its weights, or train with --alpha 0") from None
 
     @torch.no_grad()

@@ -28,7 +28,8 @@ def _lpips() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
                            "install the 'lpips' extra with its weights, or use rel_l2, ssim or features") from None
 
     def distance(x, ref):
-        return net(_unit(x).repeat(1, 3 // x.shape[1], 1, 1) * 2 - 1, _unit(ref).repeat(1, 3 // ref.shape[1], 1, 1) * 2 - 1).flatten()
+        return net(_unit(x).repeat(1, 3 // x.shape[1], 1, 1) * 2 - 1,
+                   _unit(ref).repeat(1, 3 // ref.shape[1], 1, 1) * 2 - 1).flatten()
     return distance
 
 
@@ -46,7 +47,8 @@ def _checked_terms(fidelity: str, alpha: float, allowed: tuple[str, ...], unknow
 
 @dataclass
 class Reward:
-    """Per-sample reward and its two parts; ``targets`` are uncached samples, ``target_features`` their classifier features."""
+    """Per-sample reward and its two parts; ``targets`` are uncached samples, ``target_features`` their classifier
+    features."""
 
     classifier: DigitClassifier
     fidelity: str = "rel_l2"
@@ -90,7 +92,8 @@ class OutputReward:
     prompts: list[str] | None = None
 
     def __post_init__(self):
-        self._lpips = _checked_terms(self.fidelity, self.alpha, OUTPUT_FIDELITIES, "fidelity {!r} is not available on a pipeline")
+        self._lpips = _checked_terms(self.fidelity, self.alpha, OUTPUT_FIDELITIES,
+                                     "fidelity {!r} is not available on a pipeline")
         if self.alpha > 0:
             from recache.metrics.image_reward import load_image_reward
 
@@ -103,14 +106,6 @@ class OutputReward:
     def __call__(self, x: torch.Tensor, targets: torch.Tensor, target_features: torch.Tensor,
                  conds: torch.Tensor) -> dict[str, torch.Tensor]:
         distance = relative_l2(x, targets) if self._lpips is None else self._lpips(x * 2 - 1, targets * 2 - 1)
-        quality = self._quality(x, [self.prompts[int(c)] for c in conds]) if self.alpha > 0 else torch.zeros_like(distance)
+        quality = (self._quality(x, [self.prompts[int(c)] for c in conds]) if self.alpha > 0
+                   else torch.zeros_like(distance))
         return {"reward": -distance + self.alpha * quality, "fidelity": distance, "quality": quality}
-
-
-def reward_for(pipe, fidelity: str = "rel_l2", alpha: float = 0.0):
-    """The reward of a training run: the digit classifier's on digit outputs, ``OutputReward`` on any other pipeline."""
-    if getattr(pipe, "outputs_digits", True):
-        from recache.models.pretrained import load_classifier
-
-        return Reward(load_classifier(), fidelity, alpha)
-    return OutputReward(fidelity, alpha, [p["prompt"] for p in pipe.prompts])

@@ -29,10 +29,12 @@ class DigitClassifier(nn.Module):
         w, c = config.width, config.in_channels
 
         def stage(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(),
+                    nn.MaxPool2d(2)]
 
         side = config.image_size // 4
-        self.trunk = nn.Sequential(*stage(c, w), *stage(w, 2 * w), nn.Flatten(), nn.Linear(2 * w * side * side, config.feature_dim), nn.ReLU())
+        self.trunk = nn.Sequential(*stage(c, w), *stage(w, 2 * w), nn.Flatten(),
+                                   nn.Linear(2 * w * side * side, config.feature_dim), nn.ReLU())
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 

@@ -35,12 +35,14 @@ class DiTConfig:
     num_classes: int = 10
 
     def __post_init__(self):
-        limits = {"image_size": 1024, "in_channels": 64, "patch_size": 64, "hidden_size": 4096, "depth": 128, "num_heads": 64, "num_classes": 100_000}
+        limits = {"image_size": 1024, "in_channels": 64, "patch_size": 64, "hidden_size": 4096, "depth": 128,
+                  "num_heads": 64, "num_classes": 100_000}
         for name, most in limits.items():
             value = getattr(self, name)
             if not is_whole(value, 1, most):
                 raise ValueError(f"{name} must be a whole number from 1 to {most}, got {value!r}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or not 0 < self.mlp_ratio <= 16:
+        if (isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float)
+                or not 0 < self.mlp_ratio <= 16):
             raise ValueError(f"mlp_ratio must be a number in (0, 16], got {self.mlp_ratio!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
@@ -71,7 +73,8 @@ def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> torch.T
 
 
 def timestep_embedding(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` of a (batch,) tensor of timesteps (Vaswani et al. 2017; as in DiT)."""
+    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` of a (batch,) tensor of timesteps (Vaswani et al. 2017; as in
+    DiT)."""
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -104,9 +107,10 @@ class DiTBlock(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``c`` is the model's conditioning (:meth:`DiT.condition`); its first ``hidden`` columns are the SiLU-activated
-        vector the block modulates with."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c[..., : h.shape[-1]]).unsqueeze(1).chunk(6, dim=-1)
+        """``c`` is the model's conditioning (:meth:`DiT.condition`); its first ``hidden`` columns are the
+        SiLU-activated vector the block modulates with."""
+        modulation = self.modulation(c[..., : h.shape[-1]]).unsqueeze(1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         h = h + gate1 * self.attention(modulate(self.norm1(h), shift1, scale1))
         return h + gate2 * self.mlp(modulate(self.norm2(h), shift2, scale2))
 
@@ -189,7 +193,8 @@ class DiT(nn.Module):
     def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: tokens -> velocity image (batch, channels, size, size); a token's outputs are
         ordered (channel, row, column), as ``pixel_shuffle`` reads them."""
-        out = self.final_layer(h, c[..., self.config.hidden_size:]).transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
+        patches = self.final_layer(h, c[..., self.config.hidden_size:])
+        out = patches.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
         return F.pixel_shuffle(out, self.config.patch_size)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

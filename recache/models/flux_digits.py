@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import read_json, write_safetensors
+from recache.io import read_json, write_json, write_safetensors
+from recache.protocol import check_pairs
 
 MODEL_ID = "mnist-flux"
 WEIGHTS = Path(__file__).parent / "weights" / MODEL_ID
@@ -52,7 +53,8 @@ class ClassEmbeddings(nn.Module):
     @property
     def config(self) -> dict:
         n, t, j = self.tokens.shape
-        return {"num_classes": n - 1, "n_tokens": t, "joint_attention_dim": j, "pooled_projection_dim": self.pooled.shape[1]}
+        return {"num_classes": n - 1, "n_tokens": t, "joint_attention_dim": j,
+                "pooled_projection_dim": self.pooled.shape[1]}
 
     def forward(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokens[classes], self.pooled[classes]
@@ -89,14 +91,16 @@ def unpack(latents: torch.Tensor) -> torch.Tensor:
 
 
 def position_ids(n_tokens: int = TEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(img_ids, txt_ids)`` as FluxPipeline builds them: image token (i, j) -> (0, i, j) on the 10x10 grid, text -> 0."""
+    """``(img_ids, txt_ids)`` as FluxPipeline builds them: image token (i, j) -> (0, i, j) on the 10x10 grid,
+    text -> 0."""
     from diffusers import FluxPipeline
 
     half = LATENT_SIZE // 2
     return FluxPipeline._prepare_latent_image_ids(1, half, half, "cpu", torch.float32), torch.zeros(n_tokens, 3)
 
 
-def velocity(transformer, embeddings: ClassEmbeddings, latents: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def velocity(transformer, embeddings: ClassEmbeddings, latents: torch.Tensor, sigma: torch.Tensor,
+             classes: torch.Tensor) -> torch.Tensor:
     """The flow velocity ``noise - x0`` at packed ``latents`` and noise level ``sigma`` (B,) in [0, 1], called as
     FluxPipeline calls it: ``timestep = t / 1000 = sigma`` (the transformer multiplies by 1000 itself)."""
     prompt, pooled = embeddings(classes)
@@ -127,8 +131,6 @@ def resolve(name_or_folder: str | os.PathLike = MODEL_ID) -> Path:
 def save_flux_digits(folder: str | os.PathLike, transformer, embeddings: ClassEmbeddings, metadata: dict) -> None:
     """Write the transformer in diffusers format (``save_pretrained``), ``class_embeddings.safetensors`` and
     ``recache.json``; each file is moved into place whole (atomic), never pickled."""
-    from recache.io import write_json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
@@ -154,7 +156,8 @@ def load_flux_digits(name_or_folder: str | os.PathLike = MODEL_ID) -> tuple[obje
     try:
         embeddings = ClassEmbeddings(**meta["class_embeddings"])
         embeddings.load_state_dict(load_file(str(folder / "class_embeddings.safetensors")))
-        transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False, use_safetensors=True)
+        transformer = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False,
+                                                             use_safetensors=True)
     except (KeyError, TypeError, RuntimeError, SafetensorError, OSError, ValueError) as e:
         raise RecacheError(f"Flux digits model in {folder} cannot be loaded ({str(e).splitlines()[0]})") from None
     return transformer.eval(), embeddings.eval(), meta
@@ -186,8 +189,6 @@ class FluxDigitsPipeline:
         return self.pipe.transformer
 
     def check_pairs(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor) -> torch.Tensor:
-        from recache.sampling.pairs import check_pairs
-
         return check_pairs(classes, seeds, self.class_embeddings.num_classes)
 
     @torch.no_grad()
@@ -199,19 +200,22 @@ class FluxDigitsPipeline:
         prompt, pooled = self.class_embeddings(classes)
         neg, neg_pooled = self.class_embeddings(torch.full_like(classes, self.class_embeddings.null_class))
         return {"prompt_embeds": prompt, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg,
-                "negative_pooled_prompt_embeds": neg_pooled, "true_cfg_scale": self.guidance, "height": PIXEL_SIZE, "width": PIXEL_SIZE}
+                "negative_pooled_prompt_embeds": neg_pooled, "true_cfg_scale": self.guidance, "height": PIXEL_SIZE,
+                "width": PIXEL_SIZE}
 
     def noise(self, seeds: list[int] | torch.Tensor) -> torch.Tensor:
         """Packed latents (B, 100, 4): one standard-normal (1, 20, 20) image per seed, each from its own generator."""
-        return pack(torch.stack([torch.randn(1, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(int(s)))
+        return pack(torch.stack([torch.randn(1, LATENT_SIZE, LATENT_SIZE,
+                                             generator=torch.Generator().manual_seed(int(s)))
                                  for s in seeds]))
 
     @torch.no_grad()
-    def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, num_inference_steps: int | None = None,
-                 **pipe_kwargs) -> torch.Tensor:
+    def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor,
+                 num_inference_steps: int | None = None, **pipe_kwargs) -> torch.Tensor:
         """Samples (B, 1, 20, 20) for ``classes[i]`` from the noise of ``seeds[i]``: ``FluxPipeline(...,
         output_type="latent")`` unpacked; further keyword arguments go to the FluxPipeline call."""
         classes = self.check_pairs(classes, seeds)
-        out = self.pipe(**self.call_kwargs(classes), latents=self.noise(seeds), num_inference_steps=num_inference_steps or self.steps,
+        out = self.pipe(**self.call_kwargs(classes), latents=self.noise(seeds),
+                        num_inference_steps=num_inference_steps or self.steps,
                         output_type="latent", return_dict=False, **pipe_kwargs)[0]
         return unpack(out)

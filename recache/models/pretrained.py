@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from recache._version import __version__
 from recache.errors import RecacheError
 from recache.io import first_non_finite, read_json, write_json, write_safetensors
 from recache.models.classifier import ClassifierConfig, DigitClassifier
@@ -24,10 +25,9 @@ _KINDS = {"dit": (DiT, DiTConfig), "classifier": (DigitClassifier, ClassifierCon
 def save_pretrained(model: nn.Module, folder: str | Path, kind: str, extra: dict | None = None) -> None:
     """Write ``model.safetensors`` and ``config.json`` (``kind``, architecture config, anything in ``extra``)."""
     folder = Path(folder)
-    from recache import __version__
-
     write_safetensors(folder / "model.safetensors", model.state_dict())
-    write_json(folder / "config.json", {"kind": kind, "config": model.config.to_dict(), "recache_version": __version__, **(extra or {})})
+    write_json(folder / "config.json", {"kind": kind, "config": model.config.to_dict(), "recache_version": __version__,
+                                        **(extra or {})})
 
 
 def resolve(name_or_folder: str | Path) -> Path:

@@ -1,9 +1,12 @@
 """Schedule policies: given a budget k, return the schedule of k full passes.
 
-``ReCachePolicy`` (learned, one policy for every budget; ``recache.py``) is trained by ``reinforce.py``;
-``Schedule.uniform`` is the baseline. Trained policies ship in ``pretrained/<model>-<mechanism>``.
+``ReCachePolicy`` (learned, one policy for every budget; ``recache.py``) learns by ``reinforce.py`` in a run of
+``training.py``; ``budcache.py`` searches one schedule per budget and ``alignment.py`` fits its sigma grid;
+``heuristics/`` are the threshold baselines. ``Schedule.uniform`` is the baseline. Policy folders are read and
+written by ``pretrained.py``; trained policies ship in ``pretrained/<model>-<mechanism>``.
 """
 
-from recache.policies.recache import ReCacheConfig, ReCachePolicy, shipped_policies
+from recache.policies.pretrained import shipped_policies
+from recache.policies.recache import ReCacheConfig, ReCachePolicy
 
 __all__ = ["ReCacheConfig", "ReCachePolicy", "shipped_policies"]

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from recache import distributed
 from recache.errors import RecacheError
-from recache.evaluation.protocol import calibration_pairs
-from recache.evaluation.report import write_jsonl
-from recache.io import read_json, write_json
-from recache.mechanisms import get_mechanism
+from recache.io import read_json, read_jsonl, write_json, write_jsonl
+from recache.mechanisms import Mechanism, get_mechanism
+from recache.protocol import calibration_pairs
+from recache.sampling.interface import Sampler
 from recache.schedule import Schedule, check_budget
 
 
@@ -60,7 +60,8 @@ class SearchConfig:
             if getattr(self, name) < 1:
                 raise RecacheError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sa_iters < 0 or self.hc_iters < 0 or self.sa_iters + self.hc_iters == 0:
-            raise RecacheError(f"need some iterations: sa_iters={self.sa_iters}, hc_iters={self.hc_iters} (both >= 0, not both 0)")
+            raise RecacheError(f"need some iterations: sa_iters={self.sa_iters}, hc_iters={self.hc_iters} "
+                               "(both >= 0, not both 0)")
         if not 0 < self.t_min <= self.t_max:
             raise RecacheError(f"temperatures must satisfy 0 < t_min <= t_max, got {self.t_min}, {self.t_max}")
 
@@ -73,7 +74,8 @@ Steps = tuple[int, ...]
 
 
 class BudCacheSearch:
-    """``run()`` returns the best schedule found; ``evaluate(list of step tuples) -> losses`` is the (batched) objective.
+    """``run()`` returns the best schedule found; ``evaluate(list of step tuples) -> losses`` is the (batched)
+    objective.
 
     ``history`` lists every objective evaluation in order; ``memo`` maps each evaluated schedule to its loss, and
     can be pre-filled (from a previous run's history) to resume a search without repeating its rollouts."""
@@ -122,7 +124,8 @@ class BudCacheSearch:
         p, w, T = self.config.prefix, self.config.window, self.T
         out = []
         for c in (s for s in state if s >= p):
-            targets = list(range(max(p, c - w), min(T - 1, c + w) + 1)) + [self.rng.randrange(p, T) for _ in range(self.config.far_jumps)]
+            targets = (list(range(max(p, c - w), min(T - 1, c + w) + 1))
+                       + [self.rng.randrange(p, T) for _ in range(self.config.far_jumps)])
             for j in targets:
                 if j not in state:
                     out.append(tuple(sorted((set(state) - {c}) | {j})))
@@ -160,7 +163,8 @@ class BudCacheSearch:
 
     def run(self) -> Steps:
         cfg = self.config
-        with tqdm(total=cfg.restarts * (cfg.sa_iters + cfg.hc_iters), desc=f"search k={cfg.k}", disable=not self.progress) as bar:
+        with tqdm(total=cfg.restarts * (cfg.sa_iters + cfg.hc_iters), desc=f"search k={cfg.k}",
+                  disable=not self.progress) as bar:
             for _ in range(cfg.restarts):
                 self.climb(self.anneal(self.initial(), bar), bar)
         return self.best[1]
@@ -170,8 +174,8 @@ class BudCacheSearch:
                                    evaluations=len(self.memo), search=asdict(self.config), **metadata)
 
 
-def rollout_objective(pipe, mechanism, classes: torch.Tensor, seeds: list[int], targets: torch.Tensor,
-                      chunk: int = 8) -> Callable[[list[Steps]], list[float]]:
+def rollout_objective(pipe: Sampler, mechanism: Mechanism, classes: torch.Tensor, seeds: list[int],
+                      targets: torch.Tensor, chunk: int = 8) -> Callable[[list[Steps]], list[float]]:
     """``L(S)`` = MSE of the final output to ``targets`` over the pairs, for many schedules in batched rollouts of
     ``chunk`` schedules at a time (rows that compute a step run the blocks together). Under torchrun, ``classes``,
     ``seeds`` and ``targets`` are this rank's block of the pairs, and the per-pair errors are summed over ranks."""
@@ -193,7 +197,8 @@ def rollout_objective(pipe, mechanism, classes: torch.Tensor, seeds: list[int], 
 MEMO, HISTORY, SCHEDULE, SEARCH = "memo.jsonl", "history.jsonl", "schedule.json", "search.json"
 
 
-def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progress: bool = True) -> tuple[Schedule, list[dict]]:
+def search_schedule(config: SearchConfig, pipe: Sampler, out, resume: bool = False,
+                    progress: bool = True) -> tuple[Schedule, list[dict]]:
     """Search on calibration pairs (seeds ``0..pairs-1``) and write ``schedule.json``, ``history.jsonl`` (every
     evaluation in order) and ``memo.jsonl`` (each new loss as soon as it is known) into ``out``. With ``resume``, the
     losses in ``memo.jsonl`` are reused: the seeded search replays to where it stopped without repeating rollouts.
@@ -202,8 +207,10 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
     summed over ranks, so all ranks take the same steps. Only rank 0 writes files and shows progress."""
     out, main = Path(out), distributed.is_main()
     if config.pairs < distributed.world_size():
-        raise RecacheError(f"{config.pairs} calibration pairs cannot be shared by {distributed.world_size()} ranks; use --pairs >= the ranks")
-    identity = {"search": asdict(config), "model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule, "guidance": pipe.guidance}
+        raise RecacheError(f"{config.pairs} calibration pairs cannot be shared by {distributed.world_size()} ranks; "
+                           "use --pairs >= the ranks")
+    identity = {"search": asdict(config), "model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule,
+                "guidance": pipe.guidance}
     memo = distributed.on_main(lambda: _read_memo(out, resume, identity))
     classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     mine = distributed.shard(config.pairs)
@@ -213,7 +220,8 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
         losses = objective(candidates)
         if main:
             with open(out / MEMO, "a") as f:
-                f.writelines(json.dumps({"steps": list(c), "loss": v}) + "\n" for c, v in zip(candidates, losses, strict=True))
+                f.writelines(json.dumps({"steps": list(c), "loss": v}) + "\n"
+                             for c, v in zip(candidates, losses, strict=True))
         return losses
 
     search = BudCacheSearch(pipe.steps, config, evaluate_and_record, memo, progress and main)  # checks the budget first
@@ -224,7 +232,8 @@ def search_schedule(config: SearchConfig, pipe, out, resume: bool = False, progr
         search.run()
         uniform_loss = objective([tuple(Schedule.uniform(pipe.steps, config.k).steps)])[0]  # for the report only
     except distributed.RankLost as e:
-        raise distributed.RankLost(f"{e}; the {len(search.memo)} losses evaluated are kept in {out / MEMO}: resume with --resume") from None
+        raise distributed.RankLost(f"{e}; the {len(search.memo)} losses evaluated are kept in {out / MEMO}: "
+                                   "resume with --resume") from None
     schedule = search.schedule(model=pipe.model_id, mechanism=config.mechanism, sigmas=pipe.sigma_schedule,
                                calibration_seeds=[0, config.pairs - 1], uniform_loss=uniform_loss)
     if main:
@@ -244,15 +253,16 @@ def _read_memo(out: Path, resume: bool, identity: dict) -> dict[Steps, float]:
         raise RecacheError(f"{out} already holds a search; resume it (--resume) or choose another --out")
     saved = read_json(out / SEARCH, "search settings") if (out / SEARCH).exists() else None
     if saved != json.loads(json.dumps(identity)):
-        raise RecacheError(f"{out} holds a search with other settings ({out / SEARCH}); resume with the same ones or choose another --out")
+        raise RecacheError(f"{out} holds a search with other settings ({out / SEARCH}); "
+                           "resume with the same ones or choose another --out")
     k, T = identity["search"]["k"], identity["T"]
-    for line in (out / MEMO).read_bytes().decode("utf-8", errors="replace").splitlines():
+    for row in read_jsonl(out / MEMO):
         try:
-            row = json.loads(line)
             steps, loss = tuple(row["steps"]), row["loss"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by an interruption
+        except (KeyError, TypeError):
+            continue
         whole = all(isinstance(s, int) and not isinstance(s, bool) for s in steps) and list(steps) == sorted(set(steps))
-        if whole and len(steps) == k and steps[0] == 0 and steps[-1] < T and isinstance(loss, int | float) and math.isfinite(loss) and loss >= 0:
+        if (whole and len(steps) == k and steps[0] == 0 and steps[-1] < T and isinstance(loss, int | float)
+                and math.isfinite(loss) and loss >= 0):
             memo[steps] = float(loss)
     return memo

@@ -16,29 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError, is_whole
-from recache.io import check_fields, first_non_finite, read_json, write_json, write_safetensors
+from recache.io import check_fields
+from recache.mechanisms import MECHANISMS
+from recache.policies.pretrained import load_policy_weights, read_policy_config, resolve_policy, write_policy
 from recache.schedule import Schedule, check_budget
 
 FREQUENCIES = 4
 MAX_HIDDEN = 4096  # a policy is a small MLP; wider is a damaged config, not a policy
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped policies, by name: <model>-<mechanism>
-
-
-def shipped_policies() -> list[str]:
-    return sorted(config.parent.name for config in PRETRAINED_DIR.glob("*/config.json"))
-
-
-def resolve_policy(name_or_folder: str | Path) -> Path:
-    """A policy folder, or the folder of a shipped policy with that name."""
-    folder = Path(name_or_folder)
-    if (folder / "config.json").exists() or not (PRETRAINED_DIR / str(name_or_folder) / "config.json").exists():
-        return folder
-    return PRETRAINED_DIR / str(name_or_folder)
 
 
 @dataclass(frozen=True)
@@ -66,8 +53,6 @@ class ReCacheConfig:
         for name in ("model", "sigmas", "mechanism"):
             if not isinstance(getattr(self, name), str):
                 raise RecacheError(f"{name} must be a string, got {getattr(self, name)!r}")
-        from recache.mechanisms import MECHANISMS
-
         if self.mechanism not in MECHANISMS:
             raise RecacheError(f"mechanism {self.mechanism!r} is unknown; one of {', '.join(MECHANISMS)}")
         if self.step_mapping != "nearest":
@@ -85,14 +70,22 @@ class ReCachePolicy(nn.Module):
         super().__init__()
         self.config = config
         width = 1 + 2 * FREQUENCIES
-        self.mlp = nn.Sequential(nn.Linear(width, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.hidden), nn.SiLU(),
-                                 nn.Linear(config.hidden, config.T - 1))
+        self.mlp = nn.Sequential(nn.Linear(width, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.hidden),
+                                 nn.SiLU(), nn.Linear(config.hidden, config.T - 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     @property
     def T(self) -> int:
         return self.config.T
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def mechanism(self) -> str:
+        return self.config.mechanism
 
     def budget_embedding(self, k: torch.Tensor) -> torch.Tensor:
         u = k.float()[:, None] / self.T
@@ -132,8 +125,8 @@ class ReCachePolicy(nn.Module):
         check_budget(k, self.T)
         lo, hi = self.config.k_min, self.config.k_max
         if not (allow_extrapolate or lo <= k <= hi):
-            raise RecacheError(f"budget {k} is outside the policy's trained range {lo}-{hi}; use a budget in that range "
-                               "or allow extrapolation (--allow-extrapolate)")
+            raise RecacheError(f"budget {k} is outside the policy's trained range {lo}-{hi}; use a budget in that "
+                               "range or allow extrapolation (--allow-extrapolate)")
 
     @torch.no_grad()
     def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False) -> Schedule:
@@ -141,21 +134,23 @@ class ReCachePolicy(nn.Module):
 
         Mapping (``step_mapping = "nearest"`` in the saved config; our choice, in the spirit of MagCache's nearest
         interpolation of its ratios): the policy is asked for the budget with the same compute fraction,
-        ``k_p = round(k T_p / T)``, which must lie in the trained range; its steps, best logit first, are sent to the nearest
-        step of the new grid, ``round(s (T - 1) / (T_p - 1))``, and the first ``k - 1`` distinct ones are kept (when
-        ``T > T_p`` leaves too few, the rest come from the logits interpolated linearly in normalised time). A budget
-        the calibration guard sent to uniform stays uniform. At ``T = T_p`` this is ``schedule(k)``."""
+        ``k_p = round(k T_p / T)``, which must lie in the trained range; its steps, best logit first, are sent to the
+        nearest step of the new grid, ``round(s (T - 1) / (T_p - 1))``, and the first ``k - 1`` distinct ones are kept
+        (when ``T > T_p`` leaves too few, the rest come from the logits interpolated linearly in normalised time). A
+        budget the calibration guard sent to uniform stays uniform. At ``T = T_p`` this is ``schedule(k)``."""
         check_budget(k, T)
         if k == 1:  # nothing to place
-            return Schedule.uniform(T, 1).with_metadata(source="recache", model=self.config.model, mechanism=self.config.mechanism)
+            return Schedule.uniform(T, 1).with_metadata(source="recache", model=self.config.model,
+                                                        mechanism=self.config.mechanism)
         if T == self.T:
             return self.schedule(k, allow_extrapolate=allow_extrapolate)
         k_p = min(max(round(k * self.T / T), 2), self.T)
         if not (allow_extrapolate or self.config.k_min <= k_p <= self.config.k_max):
-            raise RecacheError(f"budget k={k} of T={T} steps is k={k_p} of the policy's T={self.T}, outside its trained range "
-                               f"{self.config.k_min}-{self.config.k_max}; use a budget in that range or allow extrapolation")
-        meta = {"source": "recache", "model": self.config.model, "mechanism": self.config.mechanism, "mapped_from_T": self.T,
-                "mapped_from_k": k_p}
+            raise RecacheError(f"budget k={k} of T={T} steps is k={k_p} of the policy's T={self.T}, "
+                               f"outside its trained range {self.config.k_min}-{self.config.k_max}; "
+                               "use a budget in that range or allow extrapolation")
+        meta = {"source": "recache", "model": self.config.model, "mechanism": self.config.mechanism,
+                "mapped_from_T": self.T, "mapped_from_k": k_p}
         if k_p in self.config.fallback:
             return Schedule.uniform(T, k).with_metadata(**meta, fallback="uniform")
         logits = self.logits(torch.tensor([k_p]))[0]  # steps 1..T_p-1
@@ -183,7 +178,8 @@ class ReCachePolicy(nn.Module):
                 "sigmas": self.config.sigmas, "nested": nested}
         if guarded and not nested and k in self.config.fallback:
             return Schedule.uniform(self.T, k).with_metadata(**meta, fallback="uniform")
-        steps = self._nested_steps(k) if nested else (self.logits(torch.tensor([k]))[0].topk(k - 1).indices + 1).tolist()
+        steps = (self._nested_steps(k) if nested
+                 else (self.logits(torch.tensor([k]))[0].topk(k - 1).indices + 1).tolist())
         return Schedule.from_steps(self.T, [0, *steps], **meta)
 
     def _nested_steps(self, k: int) -> list[int]:
@@ -196,16 +192,15 @@ class ReCachePolicy(nn.Module):
         return steps
 
     def nested_budgets(self) -> list[int]:
-        """Budgets ``k`` in the trained range whose learned top-k ``S(k)`` is not inside ``S(k + 1)`` (fallbacks ignored)."""
+        """Budgets ``k`` in the trained range whose learned top-k ``S(k)`` is not inside ``S(k + 1)`` (fallbacks
+        ignored)."""
         lo, hi = self.config.k_min, self.config.k_max
         sets = {k: set(self.schedule(k, guarded=False).steps) for k in range(lo, hi + 1)}
         return [k for k in range(lo, hi) if not sets[k] <= sets[k + 1]]
 
     def save_pretrained(self, folder: str | Path) -> None:
         """``model.safetensors`` and ``config.json`` (each written atomically)."""
-        folder = Path(folder)
-        write_safetensors(folder / "model.safetensors", {k: v.contiguous() for k, v in self.state_dict().items()})
-        write_json(folder / "config.json", {"policy": "recache", **asdict(self.config)})
+        write_policy(folder, self.state_dict(), {"policy": "recache", **asdict(self.config)})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, T: int | None = None, model: str | None = None,
@@ -213,29 +208,18 @@ class ReCachePolicy(nn.Module):
         """Load a policy (a folder or a shipped name); ``T``, ``model`` and ``mechanism``, when given, must match what
         it was trained for."""
         folder = resolve_policy(folder)
-        if not (folder / "config.json").is_file():
-            raise RecacheError(f"{folder} is not a policy folder (config.json is missing) nor a shipped policy: "
-                               f"{', '.join(shipped_policies()) or 'none shipped'}")
-        raw = read_json(folder / "config.json", "policy config")
+        raw = read_policy_config(folder)
         try:
-            if not isinstance(raw, dict) or raw.pop("policy", None) != "recache":
+            if raw.pop("policy", None) != "recache":
                 raise ValueError("not a ReCache policy config")
             check_fields(raw, ReCacheConfig, "the file", optional=("step_mapping",))  # older policies: "nearest"
             config = ReCacheConfig(**raw)
         except (ValueError, TypeError) as e:
             raise RecacheError(f"{folder}/config.json is not a valid ReCache policy config ({e})") from None
-        for what, want, have in (("T", T, config.T), ("model", model, config.model), ("mechanism", mechanism, config.mechanism)):
+        for what, want, have in (("T", T, config.T), ("model", model, config.model),
+                                 ("mechanism", mechanism, config.mechanism)):
             if want is not None and want != have:
                 raise RecacheError(f"policy {folder} was trained for {what} = {have}, not {want}")
         policy = cls(config)
-        weights = folder / "model.safetensors"
-        try:
-            state = load_file(weights)
-            policy.load_state_dict(state)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise RecacheError(f"policy weights {weights} cannot be loaded ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-        if (bad := next((name for name, t in state.items() if not t.is_floating_point()), None)) is not None:
-            raise RecacheError(f"policy weights {weights} hold {state[bad].dtype} in {bad}")
-        if (bad := first_non_finite(state)) is not None:
-            raise RecacheError(f"policy weights {weights} hold non-finite values in {bad}")
+        load_policy_weights(policy, folder)
         return policy.eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import CacheableModel, Mechanism, by_rows, row_split, run_blocks
+from recache.mechanisms.base import CacheableModel, Mechanism, Uncached, row_split
 from recache.sampling.euler import GuidedVelocity, sample_euler
 from recache.schedule import Schedule
 
@@ -21,18 +21,19 @@ class CachedVelocity:
     Called once per sampler step, at step ``i`` with ``sigmas[i]``; ``reset()`` before each sampling call. A batch
     of ``m * rows`` rows (CFG doubles the batch) uses the masks tiled ``m`` times. ``full_passes`` counts, per row,
     the steps on which the block stack really ran. The conditioning of all T steps is computed in one batch on
-    the first call (it does not depend on ``x``). Without ``masks`` every step computes: that is the uncached
-    sampler, on the same code path, so a full budget reproduces it bit for bit.
+    the first call (it does not depend on ``x``). Without ``masks`` every step computes (``Uncached``): that is the
+    uncached sampler, on the same code path, so a full budget reproduces it bit for bit.
     """
 
-    def __init__(self, model: CacheableModel, sigmas: torch.Tensor, masks: torch.Tensor | None = None, mechanism: Mechanism | None = None):
+    def __init__(self, model: CacheableModel, sigmas: torch.Tensor, masks: torch.Tensor | None = None,
+                 mechanism: Mechanism | None = None):
         T = len(sigmas) - 1
         masks = torch.ones(1, T, dtype=torch.bool) if masks is None else masks.bool()
         if masks.shape[1] != T:
             raise ValueError(f"masks have T={masks.shape[1]} steps but the sigma grid has {T}")
         if mechanism is None and not masks.all():
             raise ValueError("a schedule with cached steps needs a mechanism")
-        self.model, self.masks, self.mechanism = model, masks, mechanism
+        self.model, self.masks, self.mechanism = model, masks, mechanism or Uncached()
         self.sigmas = sigmas[:T].reshape(-1, 1)
         self.reset()
 
@@ -43,8 +44,9 @@ class CachedVelocity:
         if self.step == 0:
             self._start(x.shape[0], cond)
         elif self.step >= len(self._splits):
-            raise RuntimeError(f"called for step {self.step} but the masks have T={len(self._splits)}; call reset() between samplings")
-        v = self._velocity(x, self._conditions[self.step], self._splits[self.step])
+            raise RuntimeError(f"called for step {self.step} but the masks have T={len(self._splits)}; "
+                               "call reset() between samplings")
+        v = self.mechanism.step_output(self.model, self.step, self._splits[self.step], x, self._conditions[self.step])
         self.step += 1
         return v
 
@@ -53,32 +55,10 @@ class CachedVelocity:
         T = self.masks.shape[1]
         if rows % self.masks.shape[0]:
             raise ValueError(f"batch of {rows} rows does not tile {self.masks.shape[0]} masks")
-        if self.mechanism is not None:
-            self.mechanism.reset(rows, T)
-        self.full_passes = torch.zeros(rows, dtype=torch.long)
+        self.mechanism.reset(rows, T)
+        self.full_passes = self.mechanism.full_passes
         self._splits = [row_split(compute) for compute in self.masks.repeat(rows // self.masks.shape[0], 1).t()]
         self._conditions = step_conditions(self.model, self.sigmas, cond).unbind(0)  # T x (rows, ...)
-
-    def _velocity(self, x, c, split):
-        model, mech, step = self.model, self.mechanism, self.step
-        if mech is None:
-            self.full_passes += 1
-            return model.final(run_blocks(model.blocks, model.embed(x), c), c)
-        if mech.reuses_output:  # step-skip: the model output itself is reused
-            def computed(rows):
-                self.full_passes[rows] += 1
-                v = model.final(run_blocks(model.blocks, model.embed(x[rows]), c[rows]), c[rows])
-                mech.record_output(rows, v)
-                return v
-
-            return by_rows(split, x, computed, mech.cached_output)
-
-        def full_pass(rows):
-            self.full_passes[rows] += 1
-            return mech.full_pass(step, rows, h[rows], c[rows], model.blocks)
-
-        h = model.embed(x)
-        return model.final(by_rows(split, h, full_pass, lambda rows: mech.cached_pass(step, rows, h[rows], c[rows], model.blocks)), c)
 
 
 def step_conditions(model: CacheableModel, sigmas: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -95,9 +75,9 @@ def masks_of(schedules: list[Schedule] | Schedule) -> torch.Tensor:
     return torch.stack([s.as_tensor() for s in schedules])
 
 
-def sample_cached(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None,
-                  mechanism: Mechanism | None = None, guidance: float = 1.0, null_cond: int | None = None,
-                  callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_cached(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
+                  masks: torch.Tensor | None = None, mechanism: Mechanism | None = None, guidance: float = 1.0,
+                  null_cond: int | None = None, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample with per-row compute masks (none: the uncached sampler); returns the samples and each row's
     realised number of full passes. Differentiable in ``sigmas`` under ``torch.enable_grad()`` (mechanism state is
     detached, as in BudCache's alignment); wrap it in ``torch.no_grad()`` to only sample."""

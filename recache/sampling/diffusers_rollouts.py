@@ -16,12 +16,20 @@ from pathlib import Path
 import torch
 
 from recache import distributed
+from recache.data.prompts import load_prompts
 from recache.errors import NonFiniteError, RecacheError
-from recache.hooks.schedule_cache import RecacheHookConfig, apply_recache, is_recache_enabled, pipeline_steps, remove_recache
+from recache.hooks.schedule_cache import (
+    RecacheHookConfig,
+    apply_recache,
+    is_recache_enabled,
+    pipeline_steps,
+    remove_recache,
+)
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
 from recache.mechanisms import Mechanism
+from recache.models.flux_digits import FluxDigitsPipeline
+from recache.protocol import check_pairs
 from recache.sampling.cached import masks_of
-from recache.sampling.pairs import check_pairs
 from recache.schedule import Schedule
 
 Generate = Callable[[list[int], list[int], int], torch.Tensor]  # (conditions, seeds, steps) -> outputs
@@ -64,6 +72,9 @@ class DiffusersRollouts:
     def num_conditions(self) -> int:
         return len(self.prompts)
 
+    def condition_texts(self) -> list[str]:
+        return [p["prompt"] for p in self.prompts]
+
     def _run(self, conds: list[int], seeds: list[int]) -> torch.Tensor:
         """The pipeline's outputs; ``NonFiniteError`` names the first step whose transformer output had NaN or inf
         (read from the scheduler's ``step_index``), or the rows whose final output has."""
@@ -81,15 +92,18 @@ class DiffusersRollouts:
             else:
                 batch = {key: [self.prompts[c][key] for c in conds] for key in self.prompts[0]}
                 generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-                out = self.pipe(**batch, **self.call_kwargs, generator=generators, num_inference_steps=self.steps, output_type=self.output_type)[0]
+                out = self.pipe(**batch, **self.call_kwargs, generator=generators, num_inference_steps=self.steps,
+                                output_type=self.output_type)[0]
         finally:
             handle.remove()
         bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().squeeze(1).tolist()
         if first_bad or bad:
-            where = f"the transformer's output at sampler step {first_bad[0]} of {self.steps}" if first_bad else "the final outputs"
+            where = (f"the transformer's output at sampler step {first_bad[0]} of {self.steps}" if first_bad
+                     else "the final outputs")
             rows = bad or list(range(len(conds)))
             prompt = self.prompts[conds[rows[0]]].get("prompt", conds[rows[0]])
-            raise NonFiniteError(f"non-finite values (NaN or inf) in {where}, for prompt {prompt!r} with seed {seeds[rows[0]]}"
+            raise NonFiniteError(f"non-finite values (NaN or inf) in {where}, for prompt {prompt!r} "
+                                 f"with seed {seeds[rows[0]]}"
                                  + (f" and {len(rows) - 1} more" if len(rows) > 1 else ""))
         return out
 
@@ -104,15 +118,17 @@ class DiffusersRollouts:
         return self._run(self.check_pairs(conds, seeds), list(seeds))
 
     @torch.no_grad()
-    def rollout_rows(self, conds, seeds, masks: torch.Tensor, mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row ``i`` samples ``prompts[conds[i]]`` from ``seeds[i]`` under ``masks[i]``; returns the outputs and each row's
-        realised full passes (per CFG branch)."""
+    def rollout_rows(self, conds, seeds, masks: torch.Tensor,
+                     mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``i`` samples ``prompts[conds[i]]`` from ``seeds[i]`` under ``masks[i]``; returns the outputs and each
+        row's realised full passes (per CFG branch)."""
         conds, seeds = self.check_pairs(conds, seeds), [int(s) for s in seeds]
         name = mechanism if isinstance(mechanism, str) else mechanism.name
         out, passes = None, torch.zeros(len(conds), dtype=torch.long)
         for mask in torch.unique(masks.bool(), dim=0):
             rows = (masks.bool() == mask).all(1).nonzero().squeeze(1).tolist()
-            config = RecacheHookConfig(schedule=Schedule(tuple(mask.tolist())), mechanism=name, steps_source=pipeline_steps(self.pipe))
+            config = RecacheHookConfig(schedule=Schedule(tuple(mask.tolist())), mechanism=name,
+                                       steps_source=pipeline_steps(self.pipe))
             stats = apply_recache(self.pipe.transformer, config)
             try:
                 images = self._run([conds[r] for r in rows], [seeds[r] for r in rows])
@@ -125,38 +141,41 @@ class DiffusersRollouts:
             out[rows], passes[rows] = images, realised.pop()
         return out, passes
 
-    def rollout(self, conds, seeds, schedules: list[Schedule], mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+    def rollout(self, conds, seeds, schedules: list[Schedule],
+                mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
         """Every schedule on every (prompt, seed) pair: outputs (G, B, ...) and realised full passes (G, B)."""
         G, B = len(schedules), len(seeds)
         for schedule in schedules:
             if schedule.T != self.steps:
                 raise RecacheError(f"schedule has T={schedule.T} steps but the pipeline runs {self.steps}")
         conds = torch.as_tensor(self.check_pairs(conds, seeds))
-        out, passes = self.rollout_rows(conds.repeat(G), list(seeds) * G, masks_of(schedules).repeat_interleave(B, dim=0), mechanism)
+        out, passes = self.rollout_rows(conds.repeat(G), list(seeds) * G,
+                                        masks_of(schedules).repeat_interleave(B, dim=0), mechanism)
         return out.view(G, B, *out.shape[1:]), passes.view(G, B)
 
 
-def _digit_flux_rollouts(name: str, prompts: list[dict] | None, steps: int | None, guidance: float | None) -> DiffusersRollouts:
-    from recache.models.flux_digits import FluxDigitsPipeline
-
+def _digit_flux_rollouts(name: str, prompts: list[dict] | None, steps: int | None,
+                         guidance: float | None) -> DiffusersRollouts:
     digits = FluxDigitsPipeline.from_pretrained(name, steps=steps, guidance=guidance)
     prompts = prompts or [{"prompt": str(c)} for c in range(10)]
-    bad = [p["prompt"] for p in prompts if p["prompt"].strip() not in [str(c) for c in range(10)] or "negative_prompt" in p]
+    bad = [p["prompt"] for p in prompts
+           if p["prompt"].strip() not in [str(c) for c in range(10)] or "negative_prompt" in p]
     if bad:
         raise RecacheError(f"prompt {bad[0]!r} is not a digit: the prompts of {name} are the classes 0-9, one per line")
     classes = [int(p["prompt"]) for p in prompts]
-    return DiffusersRollouts(digits.pipe, prompts, digits.steps, {"true_cfg_scale": digits.guidance}, outputs_digits=True, name=name,
-                             generate=lambda conds, seeds, T: digits([classes[c] for c in conds], seeds, num_inference_steps=T))
+    return DiffusersRollouts(digits.pipe, prompts, digits.steps, {"true_cfg_scale": digits.guidance},
+                             outputs_digits=True, name=name,
+                             generate=lambda conds, seeds, T: digits([classes[c] for c in conds], seeds,
+                                                                     num_inference_steps=T))
 
 
 def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | None = None, height: int | None = None,
-                  width: int | None = None, guidance: float | None = None, output_type: str = "latent") -> DiffusersRollouts:
+                  width: int | None = None, guidance: float | None = None,
+                  output_type: str = "latent") -> DiffusersRollouts:
     """``--pipeline DIR_OR_ID`` with ``--prompts FILE``: the shipped digit FLUX (``mnist-flux``, prompts are digits,
     all ten by default) or any diffusers pipeline with a supported transformer (``DiffusionPipeline.from_pretrained``;
     offline, a hub id must already be in the local cache). ``steps`` defaults to the pipeline's own default."""
     import inspect
-
-    from recache.data.prompts import load_prompts
 
     prompts = load_prompts(prompts_file) if prompts_file is not None else None
     if pipeline == "mnist-flux" or (Path(pipeline) / "recache.json").exists():
@@ -182,6 +201,8 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
     pipe.set_progress_bar_config(disable=True)
     pipe.to(distributed.device())  # this rank's GPU under torchrun, the GPU or CPU otherwise
     if steps is None:
-        steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps", inspect.Parameter("n", 1, default=28)).default
+        steps = inspect.signature(pipe.__call__).parameters.get(
+            "num_inference_steps", inspect.Parameter("n", 1, default=28)).default
     call = {k: v for k, v in (("height", height), ("width", width), ("guidance_scale", guidance)) if v is not None}
-    return DiffusersRollouts(pipe, prompts, int(steps), call, output_type=output_type, outputs_digits=False, name=pipeline)
+    return DiffusersRollouts(pipe, prompts, int(steps), call, output_type=output_type, outputs_digits=False,
+                             name=pipeline)

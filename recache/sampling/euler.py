@@ -32,8 +32,13 @@ class GuidedVelocity:
             return self.model(x, sigma, cond)
         if cond is not self._cond:  # a sampler passes the same condition at every step: pair it with the null once
             self._cond, self._both = cond, torch.cat([cond, torch.full_like(cond, self.null_cond)])
-        v_cond, v_uncond = self.model(torch.cat([x, x]), sigma, self._both).chunk(2)
-        return torch.lerp(v_uncond, v_cond, self.scale)
+        return combine_cfg(self.model(torch.cat([x, x]), sigma, self._both), self.scale)
+
+
+def combine_cfg(v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on a batch whose first half is the conditional branch: ``v_u + scale (v_c - v_u)``."""
+    v_cond, v_uncond = v.chunk(2)
+    return torch.lerp(v_uncond, v_cond, scale)
 
 
 def sample_euler(
@@ -58,7 +63,8 @@ def sample_euler(
     for i in trange(len(sigmas) - 1, disable=disable, desc="sampling"):
         v = model(x, levels[i], cond)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": levels[i], "sigma_next": levels[i + 1], "velocity": v, "denoised": x - levels[i] * v})
+            callback({"x": x, "i": i, "sigma": levels[i], "sigma_next": levels[i + 1], "velocity": v,
+                      "denoised": x - levels[i] * v})
         x = x + steps[i] * v if dts is None else torch.add(x, v, alpha=dts[i])
         watch.update(x, i)
     watch.check()

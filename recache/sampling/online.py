@@ -34,8 +34,8 @@ class HeuristicVelocity:
         return torch.stack(self.computed, dim=1)[:samples]
 
 
-def sample_online(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, heuristic, guidance: float = 1.0,
-                  callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_online(model, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, heuristic,
+                  guidance: float = 1.0, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples and each sample's compute mask (samples, T); its row sums are the realised full passes."""
     cached = HeuristicVelocity(model, sigmas, heuristic, branches=1 if float(guidance) == 1.0 else 2)
     out = sample_euler(GuidedVelocity(cached, guidance, model.null_class), noise, sigmas, cond, callback=callback)

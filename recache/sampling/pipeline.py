@@ -12,10 +12,10 @@ from recache.errors import RecacheError
 from recache.mechanisms import Mechanism, get_mechanism
 from recache.models.dit import DiT
 from recache.models.pretrained import load_dit, read_config
+from recache.protocol import check_pairs
 from recache.sampling.cached import masks_of, sample_cached
 from recache.sampling.euler import GuidedVelocity
 from recache.sampling.online import sample_online
-from recache.sampling.pairs import check_pairs
 from recache.sampling.rollouts import sample_rollouts
 from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule
@@ -23,7 +23,8 @@ from recache.schedule import Schedule
 
 @dataclass
 class DigitPipeline:
-    """A class-conditional DiT, its ``sigmas`` (T + 1 values) and CFG ``guidance``; ``pipe(classes, seeds)`` samples."""
+    """A class-conditional DiT, its ``sigmas`` (T + 1 values) and CFG ``guidance``; ``pipe(classes, seeds)`` samples.
+    It implements the ``Sampler`` and ``OnlineSampler`` interfaces (``recache.sampling.interface``)."""
 
     model: DiT
     sigmas: torch.Tensor
@@ -42,7 +43,8 @@ class DigitPipeline:
         grid = get_sigmas(sigmas, steps if steps is not None else defaults.get("steps", 50))
         guidance = guidance if guidance is not None else defaults.get("guidance", 1.0)
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance <= 100:
-            raise RecacheError(f"guidance of model {name_or_folder!r} must be a CFG scale from 0 to 100, got {guidance!r}")
+            raise RecacheError(f"guidance of model {name_or_folder!r} must be a CFG scale from 0 to 100, "
+                               f"got {guidance!r}")
         guidance = float(guidance)
         return cls(load_dit(name_or_folder), grid, guidance, os.fspath(name_or_folder), sigmas)
 
@@ -53,6 +55,11 @@ class DigitPipeline:
     @property
     def num_conditions(self) -> int:
         return self.model.config.num_classes
+
+    outputs_digits = True  # the embedded classifier scores its samples (the ``Sampler`` interface)
+
+    def condition_texts(self) -> list[str]:
+        return [str(c) for c in range(self.num_conditions)]
 
     @property
     def velocity(self) -> GuidedVelocity:
@@ -69,10 +76,12 @@ class DigitPipeline:
         return check_pairs(classes, seeds, self.model.config.num_classes)
 
     @torch.no_grad()
-    def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, callback=None) -> torch.Tensor:
+    def __call__(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor,
+                 callback=None) -> torch.Tensor:
         """Uncached samples (N, C, H, W) in about [-1, 1] for ``classes[i]`` drawn from the noise of ``seeds[i]``."""
         classes = self.check_pairs(classes, seeds)
-        return sample_cached(self.model, self.noise(seeds), self.sigmas, classes, guidance=self.guidance, callback=callback)[0]
+        return sample_cached(self.model, self.noise(seeds), self.sigmas, classes, guidance=self.guidance,
+                             callback=callback)[0]
 
     @torch.no_grad()
     def rollout(self, classes: list[int] | torch.Tensor, seeds: list[int] | torch.Tensor, schedules: list[Schedule],
@@ -89,11 +98,13 @@ class DigitPipeline:
         masks = masks_of(schedules).repeat_interleave(B, dim=0)
         noise = self.noise(seeds).repeat(G, 1, 1, 1)
         run = sample_cached if len({s.mask for s in schedules}) == 1 else sample_rollouts
-        out, passes = run(self.model, noise, self.sigmas_for(schedules), classes.repeat(G), masks, mechanism, self.guidance)
+        out, passes = run(self.model, noise, self.sigmas_for(schedules), classes.repeat(G), masks, mechanism,
+                          self.guidance)
         return out.view(G, B, *out.shape[1:]), passes.view(G, B)
 
     @torch.no_grad()
-    def rollout_rows(self, classes, seeds, masks: torch.Tensor, mechanism: Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
+    def rollout_rows(self, classes, seeds, masks: torch.Tensor,
+                     mechanism: Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``i`` samples ``classes[i]`` from ``seeds[i]`` under ``masks[i]``, each row on its own clock; returns the
         samples and each row's realised full passes."""
         classes = self.check_pairs(classes, seeds)
@@ -119,7 +130,8 @@ class DigitPipeline:
         classes = self.check_pairs(classes, seeds)
         return sample_online(self.model, self.noise(seeds), self.sigmas, classes, heuristic, self.guidance)
 
-    def sample_with(self, schedule: Schedule, mechanism: str | Mechanism, classes, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_with(self, schedule: Schedule, mechanism: str | Mechanism, classes,
+                    seeds) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached samples (B, C, H, W) under one schedule, and each sample's realised full passes."""
         out, passes = self.rollout(classes, seeds, [schedule], mechanism)
         return out[0], passes[0]

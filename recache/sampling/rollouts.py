@@ -3,8 +3,8 @@
 A synchronous batch runs step ``i`` for every row at once, so G schedules that compute on different steps run
 the blocks at most steps, each time on a few rows. Here the j-th full pass of every row runs in one batched call,
 each row at its own step (its j-th computed step); between two full passes the rows take their cached steps
-together, one step each, every row at its own step. G schedules of budget k then cost k batched full passes, whichever steps
-they pick. Every row does the arithmetic of a separate run (the same conditioning, mechanism state, CFG and Euler
+together, one step each, every row at its own step. G schedules of budget k then cost k batched full passes, whichever
+steps they pick. Every row does the arithmetic of a separate run (the same conditioning, mechanism state, CFG and Euler
 update), so the results equal separate runs up to the rounding of batched matrix products.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import CacheableModel, Mechanism, run_blocks
+from recache.mechanisms.base import CacheableModel, Mechanism
 from recache.sampling.cached import step_conditions
+from recache.sampling.euler import combine_cfg
 from recache.sampling.finite import FiniteWatch
 
 
@@ -49,41 +50,31 @@ def _indices(entry, samples: int, branches: int, dts: torch.Tensor):
 
 
 @torch.no_grad()
-def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor,
-                    mechanism: Mechanism, guidance: float = 1.0, null_cond: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rollouts(model: CacheableModel, noise: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
+                    masks: torch.Tensor, mechanism: Mechanism, guidance: float = 1.0,
+                    null_cond: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_cached`` for a batch whose rows follow different masks (one per row of ``noise``): the samples and
     each row's realised number of full passes, counted where the blocks run."""
     S, T = masks.shape
     if noise.shape[0] != S or len(sigmas) != T + 1:
-        raise ValueError(f"{noise.shape[0]} noise rows and {len(sigmas) - 1} sigma steps for masks of shape {tuple(masks.shape)}")
+        raise ValueError(f"{noise.shape[0]} noise rows and {len(sigmas) - 1} sigma steps for masks of shape "
+                         f"{tuple(masks.shape)}")
     branches = 1 if float(guidance) == 1.0 else 2
     null = null_cond if null_cond is not None else model.null_class
     conds = cond if branches == 1 else torch.cat([cond, torch.full_like(cond, null)])
     conditions = step_conditions(model, sigmas[:T], conds)  # (T, rows, ...)
     dts = (sigmas[1:] - sigmas[:-1]).view(-1, *[1] * (noise.dim() - 1))
     mechanism.reset(S * branches, T)
-    x, passes = noise.clone(), torch.zeros(S, dtype=torch.long)
+    x = noise.clone()
     watch = FiniteWatch(S, T, x.device)
     for kind, idx, rows, row_ids, step, dt in [_indices(entry, S, branches, dts) for entry in row_plan(masks.bool())]:
         x_in = x[idx]
-        if kind == "cached" and mechanism.reuses_output:
-            v = mechanism.cached_output(rows)
-        else:
-            c, h = conditions[step, row_ids], model.embed(x_in if branches == 1 else torch.cat([x_in, x_in]))
-            if kind == "cached":
-                v = model.final(mechanism.cached_pass(step, rows, h, c, model.blocks), c)
-            elif mechanism.reuses_output:
-                v = model.final(run_blocks(model.blocks, h, c), c)
-                mechanism.record_output(rows, v)
-            else:
-                v = model.final(mechanism.full_pass(step, rows, h, c, model.blocks), c)
-        if kind == "full":
-            passes[idx] += 1
+        x_rows = x_in if branches == 1 else torch.cat([x_in, x_in])
+        v = mechanism.step_output(model, step, kind == "full", x_rows, conditions[step, row_ids], rows)
         if branches == 2:
-            v_cond, v_uncond = v.chunk(2)
-            v = torch.lerp(v_uncond, v_cond, float(guidance))
+            v = combine_cfg(v, float(guidance))
         x_out = torch.addcmul(x_in, dt, v)
         x[idx] = x_out
         watch.update(x_out, step[: len(x_in)], idx)
     watch.check()
-    return x, passes
+    return x, mechanism.full_passes[:S]

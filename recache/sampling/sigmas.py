@@ -7,6 +7,7 @@ import math
 import torch
 
 from recache.errors import RecacheError, is_whole
+from recache.schedule.schedule import MAX_STEPS
 
 
 def get_sigmas_linear(steps: int) -> torch.Tensor:
@@ -16,7 +17,8 @@ def get_sigmas_linear(steps: int) -> torch.Tensor:
 
 
 def get_sigmas_shifted(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """Time-shifted grid ``shift*s / (1 + (shift-1)*s)`` of SD3 and FLUX (Esser et al. 2024), FLUX's ``mu = ln(shift)``."""
+    """Time-shifted grid ``shift*s / (1 + (shift-1)*s)`` of SD3 and FLUX (Esser et al. 2024), FLUX's
+    ``mu = ln(shift)``."""
     _check_steps(steps)
     if not (math.isfinite(shift) and shift > 0):
         raise RecacheError(f"shift must be a positive number, got {shift}")
@@ -37,7 +39,5 @@ def get_sigmas(name: str, steps: int) -> torch.Tensor:
 
 
 def _check_steps(steps: int) -> None:
-    from recache.schedule.schedule import MAX_STEPS
-
     if not is_whole(steps, 1, MAX_STEPS):
         raise RecacheError(f"the number of steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")

@@ -9,7 +9,8 @@ from recache.schedule.schedule import check_budget
 
 Budget = int | float | str
 
-BUDGET_FORMS = "a whole number of full passes k (e.g. 10), a fraction of the steps in (0, 1] (e.g. 0.25), or a speed-up like '4x'"
+BUDGET_FORMS = ("a whole number of full passes k (e.g. 10), a fraction of the steps in (0, 1] (e.g. 0.25), "
+                "or a speed-up like '4x'")
 
 
 def resolve_budget(budget: Budget, T: int) -> int:

@@ -112,7 +112,8 @@ class Schedule:
                 raise RecacheError(f"schedule says {key}={data[key]!r} but its mask has {key}={value}")
         grid = data.get("aligned_sigmas")
         if grid is not None and not (isinstance(grid, list) and len(grid) == schedule.T + 1
-                                     and all(isinstance(s, int | float) and not isinstance(s, bool) and -1e-6 <= s <= 1 + 1e-6 for s in grid)
+                                     and all(isinstance(s, int | float) and not isinstance(s, bool)
+                                             and -1e-6 <= s <= 1 + 1e-6 for s in grid)
                                      and all(a >= b for a, b in itertools.pairwise(grid))):
             raise RecacheError(f"aligned_sigmas must be T + 1 = {schedule.T + 1} non-increasing numbers in [0, 1]")
         return schedule

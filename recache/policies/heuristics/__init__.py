@@ -10,7 +10,8 @@ from recache.policies.heuristics.fixed_interval import FixedInterval
 from recache.policies.heuristics.magcache import MagCache
 from recache.policies.heuristics.teacache import TeaCache
 
-HEURISTICS: dict[str, type[Heuristic]] = {h.name: h for h in (FixedInterval, TeaCache, MagCache, FirstBlockCache, DiCache)}
+HEURISTICS: dict[str, type[Heuristic]] = {
+    h.name: h for h in (FixedInterval, TeaCache, MagCache, FirstBlockCache, DiCache)}
 
 
 def get_heuristic(name: str, threshold: float, **options) -> Heuristic:

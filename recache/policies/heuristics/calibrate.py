@@ -3,8 +3,8 @@ of full passes over the calibration pairs matches ``k`` (methods section 6: equa
 
 The result is a small JSON artefact (threshold, fitted constants, the mean k it reached, and everything it
 depends on: model, T, guidance, sigma schedule, the heuristic's settings, pairs, target k) that ``recache eval``
-and ``recache demo`` reuse only when all of these match. A budget a heuristic cannot reach (MagCache's retention prefix, a fixed interval's
-``ceil(T / N)``) is reported with the closest one it can.
+and ``recache demo`` reuse only when all of these match. A budget a heuristic cannot reach (MagCache's retention
+prefix, a fixed interval's ``ceil(T / N)``) is reported with the closest one it can.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from recache.errors import RecacheError, is_whole
 from recache.io import check_fields, read_json, write_json
 from recache.policies.heuristics import HEURISTICS, Heuristic, StaticHeuristic, get_heuristic
+from recache.sampling.interface import OnlineSampler, Sampler
 from recache.schedule import check_budget
 
 FORMAT = "recache.heuristic/v2"
@@ -51,12 +52,14 @@ class Calibration:
             raise RecacheError(f"mean_k {self.mean_k} is above T={self.T}")
         if not is_whole(self.pairs, 1):
             raise RecacheError(f"pairs must be a whole number >= 1, got {self.pairs!r}")
-        if not (isinstance(self.model, str) and isinstance(self.sigmas, str) and isinstance(self.options, dict) and isinstance(self.settings, dict)):
+        if not (isinstance(self.model, str) and isinstance(self.sigmas, str) and isinstance(self.options, dict)
+                and isinstance(self.settings, dict)):
             raise RecacheError("model and sigmas must be strings, options and settings objects")
 
-    def matches(self, name: str, target_k: int, pipe, pairs: int, options: dict | None = None) -> bool:
+    def matches(self, name: str, target_k: int, pipe: Sampler, pairs: int, options: dict | None = None) -> bool:
         """Whether this calibration was made for this heuristic and settings, budget, pipeline and pairs."""
-        mine = (self.heuristic, self.target_k, self.model, self.T, self.guidance, self.sigmas, self.pairs, self.settings)
+        mine = (self.heuristic, self.target_k, self.model, self.T, self.guidance, self.sigmas, self.pairs,
+                self.settings)
         return mine == (name, target_k, pipe.model_id, pipe.steps, float(pipe.guidance), pipe.sigma_schedule, pairs,
                         heuristic_settings(name, options))
 
@@ -96,15 +99,16 @@ def heuristic_settings(name: str, options: dict | None = None) -> dict:
     return json.loads(json.dumps(get_heuristic(name, 1.0, **(options or {})).options()))
 
 
-def realised_passes(heuristic: Heuristic, pipe, classes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+def realised_passes(heuristic: Heuristic, pipe: OnlineSampler, classes: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Full passes per sample on these pairs (the same for every sample of a static heuristic)."""
     if isinstance(heuristic, StaticHeuristic):
         return torch.full((len(seeds),), heuristic.schedule(pipe.steps).k)
     return pipe.sample_online(heuristic, classes, seeds)[1].sum(1)
 
 
-def calibrate(name: str, target_k: int, pipe, classes: torch.Tensor, seeds: list[int], options: dict | None = None,
-              iterations: int = 24, progress: bool = True, fitted: dict | None = None) -> Calibration:
+def calibrate(name: str, target_k: int, pipe: OnlineSampler, classes: torch.Tensor, seeds: list[int],
+              options: dict | None = None, iterations: int = 24, progress: bool = True,
+              fitted: dict | None = None) -> Calibration:
     """The threshold whose mean realised k on the pairs is closest to ``target_k`` (ties: the cheaper one), from at
     most ``iterations`` measured thresholds (bracket included). ``options`` are the heuristic's settings; ``fitted``,
     constants already fitted for them on this pipeline and these pairs (another budget's calibration options)."""
@@ -119,7 +123,8 @@ def calibrate(name: str, target_k: int, pipe, classes: torch.Tensor, seeds: list
 
     def measure(threshold: float) -> float:
         if threshold not in tried:
-            tried[threshold] = float(realised_passes(get_heuristic(name, threshold, **options), pipe, classes, seeds).float().mean())
+            tried[threshold] = float(
+                realised_passes(get_heuristic(name, threshold, **options), pipe, classes, seeds).float().mean())
             bar.update()
             bar.set_postfix(threshold=f"{threshold:.4g}", mean_k=f"{tried[threshold]:.2f}")
         return tried[threshold]

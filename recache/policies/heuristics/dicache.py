@@ -29,7 +29,8 @@ class DiCache(OnlineHeuristic):
     def __init__(self, threshold: float, probe_depth: int = 1, mode: str = "delta_minus", retention: float = 0.0):
         super().__init__(threshold)
         self.check_option("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
-        self.check_option("probe_depth", probe_depth, isinstance(probe_depth, int) and probe_depth >= 1, "a whole number of blocks >= 1")
+        self.check_option("probe_depth", probe_depth, isinstance(probe_depth, int) and probe_depth >= 1,
+                          "a whole number of blocks >= 1")
         self.check_retention(retention)
         self.probe_depth, self.mode, self.retention = probe_depth, mode, float(retention)
 
@@ -59,7 +60,8 @@ class DiCache(OnlineHeuristic):
             self.accumulated[compute] = 0.0
         self.previous_probe, self.previous_input = probe, h
         compute = self.per_row(compute)
-        out = by_rows(row_split(compute), h, lambda rows: self._computed(rows, h, probe, c, blocks), lambda rows: self._aligned(rows, h, probe))
+        out = by_rows(row_split(compute), h, lambda rows: self._computed(rows, h, probe, c, blocks),
+                      lambda rows: self._aligned(rows, h, probe))
         return out, compute
 
     def _computed(self, rows, h, probe, c, blocks):

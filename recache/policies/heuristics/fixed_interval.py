@@ -21,4 +21,4 @@ class FixedInterval(StaticHeuristic):
             raise RecacheError(f"fixed-interval needs a whole interval N >= 1, got {threshold!r}")
 
     def schedule(self, T: int) -> Schedule:
-        return Schedule.from_steps(T, range(0, T, int(self.threshold)), policy=self.name, interval=int(self.threshold))
+        return Schedule.from_steps(T, range(0, T, int(self.threshold)), source=self.name, interval=int(self.threshold))

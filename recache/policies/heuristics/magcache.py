@@ -1,4 +1,5 @@
-"""MagCache (Ma et al. 2025, NeurIPS; diffusers ``MagCacheConfig``): skip while the accumulated magnitude drift is small.
+"""MagCache (Ma et al. 2025, NeurIPS; diffusers ``MagCacheConfig``): skip while the accumulated magnitude drift is
+small.
 
 Calibration on uncached runs: ``gamma_i = mean over tokens of ||r_i||_2 / ||r_{i-1}||_2``, ``r`` the block-stack
 residual (averaged here over the calibration pairs and both CFG branches: one schedule serves both, our choice).
@@ -36,7 +37,8 @@ class MagCache(StaticHeuristic):
 
     def schedule(self, T: int) -> Schedule:
         if self.ratios is None:
-            raise RecacheError("magcache has no magnitude ratios: calibrate it first (recache calibrate --heuristic magcache)")
+            raise RecacheError("magcache has no magnitude ratios: calibrate it first "
+                               "(recache calibrate --heuristic magcache)")
         n_ratios = len(self.ratios)
         gamma = [self.ratios[min(n_ratios - 1, round(i * (n_ratios - 1) / max(T - 1, 1)))] for i in range(T)]  # nearest
         mask, ratio, error, skipped = [], 1.0, 0.0, 0
@@ -50,7 +52,7 @@ class MagCache(StaticHeuristic):
             mask.append(not skip)
             if not skip:
                 ratio, error, skipped = 1.0, 0.0, 0
-        return Schedule(tuple(mask), {"policy": self.name, "threshold": self.threshold})
+        return Schedule(tuple(mask), {"source": self.name, "threshold": self.threshold})
 
     @classmethod
     def fit(cls, pipe, classes, seeds, options):

@@ -14,8 +14,9 @@ import torch
 
 from recache.errors import RecacheError
 from recache.mechanisms import get_mechanism
-from recache.mechanisms.base import blocks_or_cache, row_split
+from recache.mechanisms.base import row_split
 from recache.policies.heuristics.base import OnlineHeuristic, relative_l1
+from recache.sampling.online import sample_online
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # f(d) = d, before fitting
 
@@ -24,13 +25,15 @@ class TeaCache(OnlineHeuristic):
     name = "teacache"
     bracket = (1e-3, 3.0)
 
-    def __init__(self, threshold: float, coefficients: list[float] | tuple[float, ...] = IDENTITY, mechanism: str = "reuse"):
+    def __init__(self, threshold: float, coefficients: list[float] | tuple[float, ...] = IDENTITY,
+                 mechanism: str = "reuse"):
         super().__init__(threshold)
         if len(coefficients) != 5 or not all(np.isfinite(coefficients)):
-            raise RecacheError(f"teacache needs 5 finite polynomial coefficients (highest power first), got {list(coefficients)}")
+            raise RecacheError("teacache needs 5 finite polynomial coefficients (highest power first), "
+                               f"got {list(coefficients)}")
         self.coefficients = [float(v) for v in coefficients]
         self.mechanism = get_mechanism(mechanism)
-        if self.mechanism.reuses_output:
+        if not self.mechanism.fills_block_stack:
             raise RecacheError(f"teacache fills skipped steps with a feature mechanism, not {mechanism!r}")
         self.fill = mechanism
         self.trace: list[torch.Tensor] | None = None  # per-step d_i when recording for the fit
@@ -58,13 +61,11 @@ class TeaCache(OnlineHeuristic):
             self.accumulated[compute] = 0.0
         self.previous = indicator
         compute = self.per_row(compute)
-        return blocks_or_cache(self.mechanism, step, row_split(compute), h, c, blocks), compute
+        return self.mechanism.blocks_or_cache(step, row_split(compute), h, c, blocks), compute
 
     @classmethod
     def fit(cls, pipe, classes, seeds, options):
         """Fit ``f`` on uncached runs: pairs (indicator change, change of the guided velocity) at steps 1..T-1."""
-        from recache.sampling.online import sample_online
-
         options = dict(options)
         if "coefficients" in options:
             return options

@@ -37,8 +37,9 @@ class FitResult:
         return sum(self.losses[-100:]) / len(self.losses[-100:])
 
 
-def fit(model: nn.Module, loss: Loss, null_class: int, checkpoint: Path, steps: int, batch_size: int, lr: float, warmup: int,
-        ema_decay: float, label_dropout: float, seed: int, resume: bool, checkpoint_every: int, desc: str) -> FitResult:
+def fit(model: nn.Module, loss: Loss, null_class: int, checkpoint: Path, steps: int, batch_size: int, lr: float,
+        warmup: int, ema_decay: float, label_dropout: float, seed: int, resume: bool, checkpoint_every: int,
+        desc: str) -> FitResult:
     """Train ``model`` on the training digits; returns its EMA (in eval mode) and the run's figures."""
     images, labels = load_mnist("train")
     ema = copy.deepcopy(model).requires_grad_(False)

