@@ -32,9 +32,9 @@ lint: $(STAMP)
 
 # Reproduce the committed weights of the embedded models (about 30 minutes on 2 cores; mnist-flux uses one thread).
 weights: $(STAMP)
-	$(VENV)/bin/recache pretrain dit
-	$(VENV)/bin/recache pretrain classifier
-	$(VENV)/bin/recache pretrain flux
+	$(VENV)/bin/recache pretrain dit --overwrite
+	$(VENV)/bin/recache pretrain classifier --overwrite
+	$(VENV)/bin/recache pretrain flux --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,6 +18,7 @@ from recache.hooks.schedule_cache import (
     reset_recache,
 )
 from recache.hooks.transformers import model_fingerprint, transformer_blocks, transformer_of
+from recache.mechanisms import DEFAULT_MECHANISM
 from recache.policies.recache import ReCachePolicy
 from recache.schedule import Budget, Schedule
 
@@ -43,7 +44,7 @@ def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | Re
                            f"not {model_fingerprint(transformer)!r}")
     if mechanism is None:
         mechanism = (policy.mechanism if policy is not None
-                     else (schedule.metadata.get("mechanism") if schedule else None) or "taylorseer")
+                     else (schedule.metadata.get("mechanism") if schedule else None) or DEFAULT_MECHANISM)
     apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
                                                  num_inference_steps=num_inference_steps,
                                                  steps_source=pipeline_steps(pipe)))

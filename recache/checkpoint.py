@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import first_non_finite, write_safetensors
+from recache.io import check_regular, first_non_finite, write_safetensors
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
@@ -30,6 +30,7 @@ def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
 def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                     generators: dict[str, torch.Generator]) -> tuple[int, dict]:
     """Restore everything in place; returns the step to continue from and the ``extra`` dict."""
+    check_regular(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["recache"])

@@ -35,12 +35,37 @@ def init() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+        _stop_with_launcher()
         nccl = torch.cuda.is_available() and dist.is_nccl_available()
         if nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT)
-        signal.signal(signal.SIGTERM, _stopped_by_launcher)
     return True
+
+
+def _stop_with_launcher() -> None:
+    """On Linux, ask the kernel for SIGTERM when the launcher (torchrun's agent, this rank's parent) dies, even by
+    SIGKILL: a rank then stops as it does when torchrun stops it, instead of running on as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher was already gone
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def max_processes() -> int:
+    """The most ranks ``--nproc`` may start on this machine: one per GPU, else one per CPU core."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+
+
+def check_nproc(nproc: int) -> None:
+    most = max_processes()
+    if nproc > most:
+        what = "GPUs" if torch.cuda.is_available() else "CPU cores"
+        raise RecacheError(f"--nproc {nproc} is more than the {most} {what} of this machine; use at most {most}")
 
 
 def _stopped_by_launcher(signum, frame):

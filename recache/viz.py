@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import matplotlib
 
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from recache.errors import RecacheError  # noqa: E402
 from recache.io import atomic_path  # noqa: E402
 
 
@@ -25,9 +27,23 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
     return grid[0] if c == 1 else grid.permute(1, 2, 0)
 
 
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", "": "png"}
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The image format a file name asks for by its suffix (PNG without one), or a ``RecacheError`` naming the
+    ones there are."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise RecacheError(f"cannot tell an image format from {str(path)[:200]!r}: end the name with "
+                           f"{', '.join(s for s in IMAGE_FORMATS if s)}")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, scale: int = 4) -> None:
-    """Save a grid PNG, each pixel repeated ``scale`` times so small digits are easy to see."""
+    """Save a grid image (PNG or JPEG, by the suffix), each pixel repeated ``scale`` times so small digits are
+    easy to see."""
     grid = image_grid(images, nrow)
     grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     with atomic_path(path) as tmp:
-        plt.imsave(tmp, grid.numpy(), cmap="gray", vmin=0, vmax=1, format="png")
+        plt.imsave(tmp, grid.numpy(), cmap="gray", vmin=0, vmax=1, format=image_format(path))

@@ -107,7 +107,7 @@ def test_search_on_the_embedded_model_writes_a_usable_schedule_and_resumes(tmp_p
 
 
 @pytest.mark.parametrize("argv, pattern", [
-    (["search", "--budget", "0"], r"--budget: 0 is not a whole number >= 1"),
+    (["search", "--budget", "0"], r"--budget: budget k=0 is not allowed: use a whole number of full passes >= 1"),
     (["search", "--budget", "5", "--sa-iters", "0", "--hc-iters", "0"], r"need some iterations"),
     (["search", "--budget", "5", "--pairs", "0"], r"--pairs: 0 is not a whole number >= 1"),
     (["search", "--budget", "50"], r"budget k=50 equals T"),

@@ -37,7 +37,7 @@ def _check_one_line(capsys, pattern):
     (["sample", "--classes", "x"], r"class 'x' is not a digit"),
     (["sample", "--guidance", "nan"], r"--guidance: nan is not a finite number"),
     (["sample", "--per-class", "0"], r"--per-class: 0 is not a whole number"),
-    (["sample", "--budget", "0"], r"--budget: 0 is not a whole number >= 1"),
+    (["sample", "--budget", "0"], r"--budget: budget k=0 is not allowed: use a whole number of full passes >= 1"),
     (["eval", "--timing-runs", "-1"], r"--timing-runs: -1 is not a whole number >= 0"),
     (["pretrain", "dit", "--architecture", "DiT-XXL"], r"invalid choice: 'DiT-XXL'"),
 ])
@@ -201,8 +201,9 @@ def test_calibrate_output_not_writable(capsys, tmp_path, monkeypatch, out, patte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
 
 
-def test_resume_evaluates_again_when_the_pairs_or_T_change(capsys, tmp_path):
-    """--resume keeps a method's rows only when they are exactly this run's (class, seed) pairs at this T."""
+def test_resume_evaluates_again_when_the_pairs_change_and_refuses_another_sampler(capsys, tmp_path):
+    """--resume keeps a method's rows only when they are exactly this run's (class, seed) pairs; rows measured on
+    another T, guidance or sigma grid are refused with the setting named, and nothing is replaced."""
     out = tmp_path / "ev"
     argv = ["eval", "--budgets", "3", "--mechanisms", "reuse", "--timing-runs", "0", "--out", str(out), "--resume"]
 
@@ -222,8 +223,14 @@ def test_resume_evaluates_again_when_the_pairs_or_T_change(capsys, tmp_path):
     assert main([*argv, "--steps", "10", "--per-class", "1"]) == 0
     assert len(rows()) == 10 and all(r["psnr"] != -1.0 for r in rows())  # fewer pairs: evaluated again
     mark()
-    assert main([*argv, "--steps", "12", "--per-class", "1"]) == 0
-    assert {r["T"] for r in rows()} == {12} and all(r["psnr"] != -1.0 for r in rows())  # another T
+    before = (out / "rows.jsonl").read_text()
+    capsys.readouterr()
+    for setting, expected in ((["--steps", "12"], "was evaluated with T 10, not 12"),
+                              (["--steps", "10", "--guidance", "3"], "was evaluated with guidance 2.0, not 3.0"),
+                              (["--steps", "10", "--sigmas", "shifted"], "with sigmas 'linear', not 'shifted'")):
+        assert main([*argv, *setting, "--per-class", "1"]) == 2
+        assert expected in capsys.readouterr().err
+        assert (out / "rows.jsonl").read_text() == before
 
 
 def test_eval_output_not_writable(capsys, tmp_path):

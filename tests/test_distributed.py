@@ -149,15 +149,47 @@ def _worker(launcher: int, rank: int) -> int | None:
     return None
 
 
-def test_a_rank_killed_mid_run_stops_the_other_with_one_line_and_the_checkpoint_intact(tmp_path):
-    argv = [sys.executable, "-m", "recache", *TRAIN, "--updates", "60", "--pairs", "1", "--out", "run", "--nproc", "2"]
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start_training(tmp_path: Path, updates: int = 60) -> tuple[subprocess.Popen, list[str]]:
+    """A 2-rank training run, once it has written a checkpoint of at least two updates."""
+    argv = [sys.executable, "-m", "recache", *TRAIN, "--updates", str(updates), "--pairs", "1", "--out", "run",
+            "--nproc", "2"]
     launcher = subprocess.Popen(argv, cwd=tmp_path, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    checkpoint = tmp_path / "run" / CHECKPOINT
     deadline = time.monotonic() + 120
-    while not (checkpoint.exists() and len(read_jsonl(tmp_path / "run/train_log.jsonl")) >= 2):
+    while not ((tmp_path / "run" / CHECKPOINT).exists() and len(read_jsonl(tmp_path / "run/train_log.jsonl")) >= 2):
         assert launcher.poll() is None and time.monotonic() < deadline, "the training did not start"
         time.sleep(0.05)
+    return launcher, argv
+
+
+def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    launcher, _ = _start_training(tmp_path, updates=100_000)  # far more than it can run in the minute it is given
+    workers = [_worker(launcher.pid, rank) for rank in (0, 1)]
+    assert None not in workers
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a rank ran on after its launcher was killed"
+    from recache.policies.recache import ReCacheConfig, ReCachePolicy
+
+    policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=5))
+    step, _ = load_checkpoint(tmp_path / "run" / CHECKPOINT, {"policy": policy},
+                              torch.optim.Adam(policy.parameters()), {"train": torch.Generator()})
+    assert step >= 2
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_one_line_and_the_checkpoint_intact(tmp_path):
+    launcher, argv = _start_training(tmp_path)
+    checkpoint = tmp_path / "run" / CHECKPOINT
     os.kill(_worker(launcher.pid, 1), signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 1

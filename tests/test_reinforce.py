@@ -114,7 +114,7 @@ def test_bad_training_settings(kwargs, pattern):
 
 def test_budget_range_outside_T_is_refused(pipe, tmp_path):
     with pytest.raises(RecacheError, match="budget k=9"):
-        train_recache(TrainConfig(k_min=2, k_max=9, updates=1, pool=2), tmp_path, pipe, progress=False)
+        train_recache(TrainConfig(k_min=2, k_max=9, updates=1, pairs=2, pool=2), tmp_path, pipe, progress=False)
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
 

@@ -2,6 +2,7 @@
 line of stderr, no traceback, no file left behind."""
 
 import json
+import os
 import pickle
 import re
 import shlex
@@ -105,6 +106,35 @@ def make_bad_files(root: Path) -> None:
     (root / "empty.txt").write_text("")
     (root / "words.txt").write_text("a cat\n")
     (root / "bad.jsonl").write_text('{"prompt": "1"}\n{not json\n')
+    make_misused_files(root)
+
+
+def make_misused_files(root: Path) -> None:
+    """Files for misuse that used to succeed with a wrong answer, or to block, grow or replace something."""
+    mask = [1] + [0] * 49
+    Schedule.from_steps(50, [0, 10, 30], mechanism="taylorseer", sigmas="linear").save(root / "taylorseer-k3.json")
+    (root / "two-masks.json").write_text('{"mask": ' + json.dumps(mask) + ', "mask": ' + json.dumps(mask) + "}")
+    (root / "future-format.json").write_text(json.dumps({"format": "recache.schedule/v9", "mask": mask}))
+    (root / "bigint.json").write_text('{"T": ' + "9" * 5000 + ', "mask": ' + json.dumps(mask) + "}")
+    (root / "zero.json").symlink_to("/dev/zero")
+    os.mkfifo(root / "fifo.json")
+    _policy_copy(root / "mixed-mechanism-policy", edit_config=lambda c: c["training"].update(mechanism="reuse"))
+    _policy_copy(root / "reshaped-policy",
+                 edit_tensors=lambda t: {**t, "mlp.0.weight": t["mlp.0.weight"][:, :3].contiguous()})
+    _policy_copy(root / "device-policy")
+    (root / "device-policy" / "model.safetensors").unlink()
+    (root / "device-policy" / "model.safetensors").symlink_to("/dev/zero")
+    (root / "eval-t10").mkdir()
+    row = {"policy": "uniform", "mechanism": "reuse", "T": 10, "k": 3, "class": 0, "seed": 900000, "full_passes": 3,
+           "model": "mnist-dit", "sigmas": "linear", "guidance": 2.0}
+    (root / "eval-t10" / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    (root / "zero-eval").mkdir()
+    (root / "zero-eval" / "rows.jsonl").symlink_to("/dev/zero")
+    shutil.copytree(WEIGHTS_DIR / "mnist-classifier", root / "finished-classifier")
+    policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4))
+    save_checkpoint(root / "three-updates-run" / "checkpoint.safetensors", {"policy": policy},
+                    torch.optim.Adam(policy.parameters()), {"train": torch.Generator()}, 3,
+                    {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     from recache import distributed
 
     under_torchrun = "LOCAL_RANK" in os.environ
-    if getattr(args, "nproc", 1) > 1 and not under_torchrun:
-        return distributed.launch(args.nproc, argv, args.command)
     try:
+        if getattr(args, "nproc", 1) > 1 and not under_torchrun:
+            distributed.check_nproc(args.nproc)
+            return distributed.launch(args.nproc, argv, args.command)
         if under_torchrun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             if not getattr(args, "data_parallel", False):
                 raise RecacheError("only train, search and eval run on several ranks; "

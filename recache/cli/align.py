@@ -17,7 +17,7 @@ from recache.schedule import Schedule
 def add_parser(sub) -> None:
     d = AlignConfig()
     p = sub.add_parser("align", help="learn the sigma grid for a fixed schedule (BudCache schedule alignment)")
-    add_model_options(p)
+    add_model_options(p, seed_help=None)
     p.add_argument("--schedule", required=True, help="the schedule file to align (from recache search, or any)")
     p.add_argument("--mechanism", choices=list(MECHANISMS), default=None,
                    help="caching mechanism (default: the schedule's, else taylorseer)")

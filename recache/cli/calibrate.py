@@ -16,7 +16,7 @@ from recache.schedule import check_budget
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="calibrate a threshold heuristic (TeaCache, MagCache, ...) to a target budget")
-    add_model_options(p)
+    add_model_options(p, seed_help=None)
     p.add_argument("--heuristic", choices=list(HEURISTICS), required=True, help="which heuristic")
     p.add_argument("--budget", type=positive_int, required=True, help="target mean number of full passes k of T")
     p.add_argument("--pairs", type=positive_int, default=CALIBRATION_PAIRS,

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from recache.cli.options import check_writable, int_list, mechanism_list
+from recache.cli.options import budget_list, check_writable, mechanism_list
 from recache.errors import RecacheError
 from recache.evaluation.compare import headline, heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
@@ -32,7 +32,7 @@ SEARCH_MECHANISM = "taylorseer"
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="compare learned, searched, heuristic and uniform schedules on the embedded model")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--budgets", type=int_list, default=[5, 10],
+    p.add_argument("--budgets", type=budget_list, default=[5, 10],
                    help="budgets k of T = 50 to compare (default: 5,10, i.e. 10x and 5x)")
     p.add_argument("--mechanisms", type=mechanism_list, default=mechanism_list(DEMO_MECHANISMS),
                    help=f"mechanisms for the uniform and learned schedules (default: {DEMO_MECHANISMS})")
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     found, notes = heuristic_methods(list(HEURISTICS), args.budgets, pipe, args.mechanisms, out / "calibrations")
     methods += found
     print(f"evaluating {len(methods)} methods on {len(seeds)} held-out pairs (quality, FLOPs, wall-clock) ...")
-    result = run_comparison(pipe, methods, out, classes, seeds, timing_runs=3, resume=args.resume)
+    # the demo's folder is its own: no rows or plots of an earlier demo stay behind unless resuming
+    result = run_comparison(pipe, methods, out, classes, seeds, timing_runs=3, resume=args.resume,
+                            clear=not args.resume)
     reference = result["reference"]
     grid_images = reference.view(-1, 10, *reference.shape[1:])[:8].flatten(0, 1)  # digits 0-9 by row
     save_image_grid(grid_images, out / "samples.png", nrow=10)

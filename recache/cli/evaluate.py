@@ -12,14 +12,16 @@ from recache.cli.options import (
     add_nproc_option,
     add_policy_options,
     batch_int,
+    budget_list,
     check_writable,
     heuristic_list,
-    int_list,
     load_policy,
+    load_schedule,
     mechanism_list,
     nonnegative_int,
     positive_int,
 )
+from recache.errors import RecacheError
 from recache.evaluation.compare import heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
 from recache.evaluation.report import markdown_table
@@ -33,8 +35,8 @@ from recache.schedule import Schedule, check_budget
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate schedules x mechanisms x budgets on held-out seeds")
-    add_model_options(p)
-    p.add_argument("--budgets", type=int_list, default=list(BUDGETS),
+    add_model_options(p, seed_help=None)
+    p.add_argument("--budgets", type=budget_list, default=list(BUDGETS),
                    help="uniform-schedule budgets (default: 5,7,10,14,20)")
     p.add_argument("--mechanisms", type=mechanism_list, default=list(MECHANISMS),
                    help="comma-separated, or all (default)")
@@ -48,9 +50,13 @@ def add_parser(sub) -> None:
                         f"{', '.join(HEURISTICS)}, or all")
     p.add_argument("--calibration-pairs", type=positive_int, default=CALIBRATION_PAIRS,
                    help=f"calibration pairs for the heuristics' thresholds (default: {CALIBRATION_PAIRS})")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the methods already in OUT/rows.jsonl whose rows cover exactly this run's pairs and T "
-                        "(calibrations in OUT/calibrations are reused whenever they match)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep the methods already in OUT/rows.jsonl whose rows cover exactly this run's pairs, "
+                            "on the same model, T, sigmas and guidance (calibrations in OUT/calibrations are reused "
+                            "whenever they match)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an evaluation already in OUT (its rows, summaries and plots)")
     p.add_argument("--pairs", choices=("heldout", "calibration"), default="heldout",
                    help="held-out seeds (default), or the calibration seeds policies are trained on, "
                         "to see overfitting")
@@ -68,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
         check_budget(k, pipe.steps)
     out = Path(args.out)
     distributed.on_main(lambda: check_writable(out))
+    if (out / "rows.jsonl").exists() and not (args.resume or args.overwrite):
+        raise RecacheError(f"{out} already holds an evaluation; resume it (--resume), replace it (--overwrite) or "
+                           "choose another --out")
     methods = [Method("uniform", m, k, Schedule.uniform(pipe.steps, k)) for k in args.budgets for m in args.mechanisms]
     for f in args.schedule:
-        schedule = Schedule.load(f, T=pipe.steps, model=pipe.model_id)
+        schedule = load_schedule(f, pipe, args.allow_extrapolate)
         methods += [Method(f"file:{Path(f).stem}", m, schedule.k, schedule) for m in args.mechanisms]
-    policies = [(name, load_policy(name, pipe)) for name in args.policy]
+    policies = [(name, load_policy(name, pipe, allow_extrapolate=args.allow_extrapolate)) for name in args.policy]
     shared = len({p.config.mechanism for _, p in policies}) < len(policies)  # then the labels name the policies
     for name, policy in policies:
         label = "recache" + ("-nested" if args.nested else "") + (f":{Path(name).name}" if shared else "")
@@ -86,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         methods += found
     classes, seeds = (heldout_pairs(args.per_class) if args.pairs == "heldout"
                       else calibration_pairs(10 * args.per_class))
-    result = run_comparison(pipe, methods, out, classes, seeds, args.timing_runs, resume=args.resume)
+    result = run_comparison(pipe, methods, out, classes, seeds, args.timing_runs, resume=args.resume,
+                            clear=args.overwrite)
     if not distributed.is_main():
         return 0
     intro = (f"{pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs; metrics against the uncached output "

@@ -8,11 +8,13 @@ import tempfile
 from pathlib import Path
 
 from recache.errors import RecacheError
-from recache.mechanisms import HOOK_MECHANISMS, MECHANISMS
+from recache.io import output_target
+from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, MECHANISMS
 from recache.policies import ReCachePolicy
 from recache.policies.heuristics import HEURISTICS
 from recache.sampling.pipeline import DigitPipeline
-from recache.schedule import Schedule, check_budget
+from recache.schedule import Schedule, check_budget_form, resolve_budget
+from recache.schedule.budget import parse_budget
 
 
 def _whole_number(minimum: int, maximum: int | None = None):
@@ -34,6 +36,23 @@ positive_int = _whole_number(1)
 nonnegative_int = _whole_number(0)
 seed_int = _whole_number(0, 2**32 - 1)  # a torch.Generator seed; every sample adds its index to it
 batch_int = _whole_number(1, 10_000)  # samples or pairs held in memory at once
+BUDGET_HELP = ("full passes: k (10), a fraction of the T steps (0.2) or a speed-up (5x); fractions and speed-ups are "
+               "rounded up to whole passes, so the speed-up is at most the one asked for")
+
+
+def budget_arg(text: str):
+    """``--budget``: as the API takes it (``recache.schedule.budget``); resolved against T once the model is known."""
+    try:
+        budget = parse_budget(text)
+        check_budget_form(budget)
+    except RecacheError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return budget
+
+
+def budget_label(budget) -> str:
+    """How a budget names an output: ``k10`` for a whole number, the text as typed (``5x``, ``0.2``) otherwise."""
+    return f"k{budget}" if isinstance(budget, int) else str(budget)
 
 
 def nonnegative_float(text: str) -> float:
@@ -84,6 +103,14 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def budget_list(text: str) -> list[int]:
+    """Comma-separated budgets k, each once."""
+    budgets = int_list(text)
+    if twice := next((k for k in budgets if budgets.count(k) > 1), None):
+        raise argparse.ArgumentTypeError(f"budget k={twice} is given twice")
+    return budgets
+
+
 def mechanism_list(text: str) -> list[str]:
     names = list(MECHANISMS) if text == "all" else text.split(",")
     for name in names:
@@ -105,7 +132,9 @@ def heuristic_list(text: str) -> list[str]:
 
 
 def add_model_options(parser: argparse.ArgumentParser,
-                      seed_help: str = "seed of the initial noise (default: 0)") -> None:
+                      seed_help: str | None = "seed of the initial noise (default: 0)") -> None:
+    """``--model``, ``--steps``, ``--guidance``, ``--sigmas`` and, for commands that draw anything from a seed,
+    ``--seed`` (``seed_help=None``: the command has none; evaluation uses the protocol's seeds)."""
     parser.add_argument("--model", default="mnist-dit",
                         help="embedded model name or a saved model folder (default: mnist-dit)")
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -113,7 +142,8 @@ def add_model_options(parser: argparse.ArgumentParser,
     parser.add_argument("--guidance", type=guidance_float, default=None,
                         help="CFG scale, 0 to 100 (default: the model's own)")
     parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
-    parser.add_argument("--seed", type=seed_int, default=0, help=seed_help)
+    if seed_help is not None:
+        parser.add_argument("--seed", type=seed_int, default=0, help=seed_help)
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -159,23 +189,33 @@ def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nested", action="store_true", help="with --policy: nested schedules, S(k) inside S(k+1)")
     parser.add_argument("--allow-extrapolate", action="store_true",
-                        help="with --policy: allow budgets outside its trained range")
+                        help="allow a policy's budgets outside its trained range, and a policy or schedule made for "
+                             "another sigma grid")
 
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", type=positive_int, default=None,
-                        help="full passes k of T (uniform schedule, or the policy's)")
+    parser.add_argument("--budget", type=budget_arg, default=None,
+                        help=f"{BUDGET_HELP} (a uniform schedule, or the policy's)")
     parser.add_argument("--schedule", default=None, help="a schedule JSON file (from search, a policy, or by hand)")
     parser.add_argument("--policy", default=None,
                         help="a trained policy folder (recache train): its schedule for --budget")
     parser.add_argument("--mechanism", choices=list(MECHANISMS), default=None,
-                        help="what fills cached steps (default: the policy's, else reuse)")
+                        help="what fills cached steps (default: the policy's or the schedule file's, else "
+                             f"{DEFAULT_MECHANISM})")
     add_policy_options(parser)
 
 
-def load_policy(folder: str, pipe, mechanism: str | None = None):
-    """A trained ReCache policy, checked against the pipeline's T and model (and ``mechanism`` when given)."""
-    return ReCachePolicy.from_pretrained(folder, T=pipe.steps, model=pipe.model_id, mechanism=mechanism)
+def load_policy(folder: str, pipe, mechanism: str | None = None, allow_extrapolate: bool = False):
+    """A trained ReCache policy, checked against the pipeline's T, model and sigma grid (unless extrapolation is
+    allowed), and ``mechanism`` when given."""
+    sigmas = None if allow_extrapolate else pipe.sigma_schedule
+    return ReCachePolicy.from_pretrained(folder, T=pipe.steps, model=pipe.model_id, mechanism=mechanism, sigmas=sigmas)
+
+
+def load_schedule(path: str, pipe, allow_extrapolate: bool = False) -> Schedule:
+    """A schedule file, checked against the pipeline's T, model and sigma grid (unless extrapolation is allowed)."""
+    sigmas = None if allow_extrapolate else pipe.sigma_schedule
+    return Schedule.load(path, T=pipe.steps, model=pipe.model_id, sigmas=sigmas)
 
 
 def resolve_schedule(args: argparse.Namespace, pipe):
@@ -183,20 +223,32 @@ def resolve_schedule(args: argparse.Namespace, pipe):
     sampling) and the mechanism to run it with."""
     if args.schedule is not None and (args.budget is not None or args.policy is not None):
         raise RecacheError("give either --schedule or --budget (with or without --policy), not both")
+    if args.nested and args.policy is None:
+        raise RecacheError("--nested needs --policy: it orders a learned policy's schedules")
+    if args.mechanism is not None and args.budget is None and args.schedule is None:
+        raise RecacheError("--mechanism needs --budget or --schedule: without them every step runs the full network")
     if args.policy is not None:
         if args.budget is None:
             raise RecacheError("--policy needs --budget: the number of full passes to schedule")
-        policy = load_policy(args.policy, pipe, args.mechanism)
-        schedule = policy.schedule(args.budget, nested=args.nested, allow_extrapolate=args.allow_extrapolate)
+        policy = load_policy(args.policy, pipe, args.mechanism, args.allow_extrapolate)
+        k = resolve_budget(args.budget, pipe.steps)
+        schedule = policy.schedule(k, nested=args.nested, allow_extrapolate=args.allow_extrapolate)
         return schedule, policy.config.mechanism
-    mechanism = args.mechanism or "reuse"
     if args.schedule is not None:
-        return Schedule.load(args.schedule, T=pipe.steps, model=pipe.model_id), mechanism
+        schedule = load_schedule(args.schedule, pipe, args.allow_extrapolate)
+        made_for = schedule.metadata.get("mechanism")
+        if made_for is not None and made_for not in MECHANISMS:
+            raise RecacheError(f"schedule file {args.schedule} names an unknown mechanism {str(made_for)[:100]!r}")
+        if args.mechanism is not None and made_for is not None and args.mechanism != made_for:
+            raise RecacheError(f"schedule file {args.schedule} was made for mechanism {made_for!r}, not "
+                               f"{args.mechanism!r}; leave out --mechanism to run it with its own")
+        return schedule, args.mechanism or made_for or DEFAULT_MECHANISM
+    mechanism = args.mechanism or DEFAULT_MECHANISM
     if args.budget is None:
         return None, mechanism
-    check_budget(args.budget, pipe.steps)
-    return Schedule.uniform(pipe.steps, args.budget, model=pipe.model_id, mechanism=mechanism,
-                            sigmas=pipe.sigma_schedule), mechanism
+    k = resolve_budget(args.budget, pipe.steps)
+    schedule = Schedule.uniform(pipe.steps, k, model=pipe.model_id, mechanism=mechanism, sigmas=pipe.sigma_schedule)
+    return schedule, mechanism
 
 
 def check_writable(folder: Path, what: str | None = None) -> None:
@@ -216,7 +268,7 @@ def check_writable(folder: Path, what: str | None = None) -> None:
 
 
 def check_writable_file(path: Path) -> None:
-    """Fail early when the output file ``path`` could not be written: it is a folder, or its folder is not writable."""
-    if path.is_dir():
-        raise RecacheError(f"output file {path} is a folder; give a file name")
+    """Fail early when the output file ``path`` could not be written: it is a folder or a device, its name is too
+    long, or its folder is not writable (``recache.io.output_target``)."""
+    path = output_target(path)
     check_writable(path.parent, f"folder {path.parent} of output file {path.name}")

@@ -17,7 +17,7 @@ from recache.cli.options import (
     resolve_schedule,
 )
 from recache.sampling.pipeline import DigitPipeline
-from recache.viz import save_image_grid
+from recache.viz import image_format, save_image_grid
 
 
 def add_parser(sub) -> None:
@@ -27,12 +27,13 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", type=digit_classes, default=list(range(10)),
                    help="digits to draw, e.g. 3,7 (default: all)")
     p.add_argument("--per-class", type=batch_int, default=8, help="samples per class (default: 8)")
-    p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
+    p.add_argument("--out", default="samples.png", help="output image, .png or .jpg (default: samples.png)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_writable_file(Path(args.out))  # before any sampling: a bad --out must not cost the work
+    image_format(args.out)
     pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     schedule, mechanism = resolve_schedule(args, pipe)
     classes = torch.tensor(args.classes).repeat_interleave(args.per_class)

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from recache import distributed
 from recache.cli.options import (
+    BUDGET_HELP,
     add_model_options,
     add_nproc_option,
     add_pipeline_options,
+    budget_arg,
+    budget_label,
     check_writable,
     load_sampler,
     nonnegative_float,
@@ -20,6 +23,7 @@ from recache.cli.options import (
 from recache.evaluation.plots import plot_search_history
 from recache.mechanisms import MECHANISMS
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
+from recache.schedule import resolve_budget
 
 
 def add_parser(sub) -> None:
@@ -27,7 +31,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("search", help="search the schedule for one budget (BudCache: annealing + hill climbing)")
     add_model_options(p, seed_help="seed of the search (default: 0)")
     add_pipeline_options(p)
-    p.add_argument("--budget", type=positive_int, required=True, help="full passes k of T")
+    p.add_argument("--budget", type=budget_arg, required=True, help=BUDGET_HELP)
     p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism,
                    help=f"caching mechanism (default: {d.mechanism})")
     p.add_argument("--pairs", type=positive_int, default=d.pairs,
@@ -42,19 +46,24 @@ def add_parser(sub) -> None:
     p.add_argument("--t-max", type=nonnegative_float, default=d.t_max,
                    help=f"initial temperature (default: {d.t_max:g})")
     p.add_argument("--t-min", type=nonnegative_float, default=d.t_min, help=f"final temperature (default: {d.t_min:g})")
-    p.add_argument("--out", default=None, help="output folder (default: runs/search/<mechanism>-k<budget>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/search/<mechanism>-k<budget>, or the "
+                                               "budget as typed: <mechanism>-5x)")
     p.add_argument("--resume", action="store_true", help="reuse the losses already evaluated by the search in --out")
     add_nproc_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = SearchConfig(k=args.budget, mechanism=args.mechanism, pairs=args.pairs, sa_iters=args.sa_iters,
-                          hc_iters=args.hc_iters, restarts=args.restarts, t_max=args.t_max, t_min=args.t_min,
-                          seed=args.seed)
-    out = Path(args.out or f"runs/search/{args.mechanism}-k{args.budget}")
+    def settings(k: int) -> SearchConfig:
+        return SearchConfig(k=k, mechanism=args.mechanism, pairs=args.pairs, sa_iters=args.sa_iters,
+                            hc_iters=args.hc_iters, restarts=args.restarts, t_max=args.t_max, t_min=args.t_min,
+                            seed=args.seed)
+
+    settings(1)  # the settings are refused before the model is loaded, whatever the budget
+    out = Path(args.out or f"runs/search/{args.mechanism}-{budget_label(args.budget)}")
     distributed.on_main(lambda: check_writable(out))  # before loading and sampling, not after
     pipe = load_sampler(args)
+    config = settings(resolve_budget(args.budget, pipe.steps))
     start = time.perf_counter()
     schedule, history = search_schedule(config, pipe, out, resume=args.resume)
     seconds = time.perf_counter() - start

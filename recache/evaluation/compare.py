@@ -20,7 +20,7 @@ from recache.evaluation.plots import (
     plot_schedule_heatmap,
 )
 from recache.evaluation.report import markdown_paired_table, markdown_table, paired_comparison, summarize
-from recache.io import read_jsonl, write_json, write_jsonl
+from recache.io import folder_lock, read_jsonl, write_json, write_jsonl
 from recache.metrics import mean_and_se
 from recache.models.pretrained import load_classifier
 from recache.policies.heuristics import HEURISTICS, OnlineHeuristic
@@ -71,11 +71,13 @@ def _key(policy: str, mechanism: str, k: int) -> tuple[str, str, int]:
 
 
 def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor, seeds: list[int],
-                   timing_runs: int = 3, resume: bool = False, progress: bool = True) -> dict:
+                   timing_runs: int = 3, resume: bool = False, progress: bool = True, clear: bool = False) -> dict:
     """Evaluate every method; ``rows.jsonl`` is rewritten after each one, so ``resume`` keeps the methods already
     in it whose rows cover exactly these (class, seed) pairs at this T, and evaluates the others again. Writes
     ``rows.jsonl``, ``summary.json`` and the plots; returns rows, summary, paired comparisons and the uncached samples.
-    Under torchrun the ranks share the pairs (``evaluate``), every rank returns the whole result, rank 0 writes it."""
+    Under torchrun the ranks share the pairs (``evaluate``), every rank returns the whole result, rank 0 writes it.
+    ``clear`` first removes what an earlier comparison wrote in ``out`` (``clear_results``); the folder is locked
+    against a second run meanwhile."""
     keys = [_key(m.policy, m.mechanism, m.k) for m in methods]
     if not methods:
         raise RecacheError("nothing to evaluate: the list of policies, budgets and mechanisms is empty")
@@ -84,17 +86,25 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
     if len(seeds) < distributed.world_size():
         raise RecacheError(f"{len(seeds)} pairs cannot be shared by {distributed.world_size()} ranks; "
                            "evaluate more pairs")
-    main = distributed.is_main()
-    classifier = load_classifier()
-    ref = make_reference(pipe, classifier, classes, seeds)
+    with folder_lock(out, enabled=distributed.is_main()):
+        if clear and distributed.is_main():
+            clear_results(out)
+        return _compare(pipe, methods, keys, out, classes, seeds, timing_runs, resume, progress)
+
+
+def _compare(pipe, methods: list[Method], keys: list[tuple], out: Path, classes: torch.Tensor, seeds: list[int],
+             timing_runs: int, resume: bool, progress: bool) -> dict:
+    main, identity = distributed.is_main(), sampler_identity(pipe)
     rows: list[dict] = []
     if resume:
-        rows = distributed.on_main(lambda: _complete_rows(out / "rows.jsonl", keys, classes, seeds, pipe.steps))
+        rows = distributed.on_main(lambda: _previous_rows(out, keys, classes, seeds, identity))
+    classifier = load_classifier()
+    ref = make_reference(pipe, classifier, classes, seeds)
     done = {_key(r["policy"], r["mechanism"], r["k"]) for r in rows}
     try:
         for method, key in tqdm(list(zip(methods, keys, strict=True)), desc="methods", disable=not (progress and main)):
             if key not in done:
-                rows += evaluate(pipe, classifier, ref, method, timing_runs)
+                rows += [{**row, **identity} for row in evaluate(pipe, classifier, ref, method, timing_runs)]
                 if main:
                     write_jsonl(out / "rows.jsonl", rows)
     except distributed.RankLost as e:
@@ -103,7 +113,8 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
     summary, paired = summarize(rows), paired_comparison(rows)
     budgets = sorted({m.k for m in methods})
     if main:
-        write_json(out / "summary.json", {"summary": summary, "paired": paired, "uncached_seconds": ref.seconds})
+        write_json(out / "summary.json", {"sampler": identity, "summary": summary, "paired": paired,
+                                          "uncached_seconds": ref.seconds})
         plot_quality_vs_budget(summary, out / "quality_vs_budget.png")
         plot_quality_vs_cost(summary, out / "quality_vs_realised_k.png", x="realised_k")
         if timing_runs:
@@ -115,19 +126,44 @@ def run_comparison(pipe, methods: list[Method], out: Path, classes: torch.Tensor
             "reference_seconds": ref.seconds, "budgets": budgets}
 
 
-def _complete_rows(path: Path, keys: list[tuple], classes: torch.Tensor, seeds: list[int], T: int) -> list[dict]:
-    """The rows of ``path`` for the methods in ``keys`` whose rows are exactly one per (class, seed) pair, at ``T``.
-    Damaged lines are skipped: their methods are evaluated again."""
+def sampler_identity(pipe) -> dict:
+    """What an evaluation was measured on; every row and ``summary.json`` record it, and a resume must match it."""
+    return {"model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule, "guidance": pipe.guidance}
+
+
+RESULT_FILES = ("rows.jsonl", "summary.json", "summary.md", "report.md")
+RESULT_PLOTS = ("quality_*.png", "schedules_k*.png", "samples_k*.png", "samples.png")
+
+
+def clear_results(out: Path) -> None:
+    """Remove what an earlier comparison wrote in ``out`` (rows, summaries, plots of any budget); calibrations stay,
+    they are reused only when they match."""
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for pattern in RESULT_PLOTS:
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+def _previous_rows(out: Path, keys: list[tuple], classes: torch.Tensor, seeds: list[int],
+                   identity: dict) -> list[dict]:
+    """The rows of ``out/rows.jsonl`` to keep on resume: those of the methods in ``keys`` with exactly one row per
+    (class, seed) pair. A row measured on another model, T, sigma grid or guidance is refused, naming the setting;
+    damaged lines and rows that record no sampler are skipped (their methods are evaluated again)."""
     pairs = sorted((int(c), int(s)) for c, s in zip(classes, seeds, strict=True))
     by_key: dict[tuple, list[dict]] = {}
-    for r in read_jsonl(path):
-        if (all(k in r for k in ("class", "seed", "T", "full_passes", *METRICS))
+    for r in read_jsonl(out / "rows.jsonl", "rows file"):
+        for name, value in identity.items():
+            if name in r and r[name] != value:
+                raise RecacheError(f"{out} was evaluated with {name} {r[name]!r}, not {value!r}; resume with the "
+                                   f"same {name}, or choose another --out")
+        if (all(k in r for k in ("class", "seed", "full_passes", *identity, *METRICS))
                 and isinstance(r.get("policy"), str) and isinstance(r.get("mechanism"), str)
                 and isinstance(r.get("k"), int)
                 and isinstance(r["class"], int) and isinstance(r["seed"], int)):
             by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), []).append(r)
-    return [r for key, group in by_key.items() if key in keys and all(r.get("T") == T for r in group)
-            and sorted((r["class"], r["seed"]) for r in group) == pairs for r in group]
+    return [r for key, group in by_key.items()
+            if key in keys and sorted((r["class"], r["seed"]) for r in group) == pairs for r in group]
 
 
 def _sample_strips(pipe, methods: list[Method], ref, path: Path) -> None:

@@ -25,7 +25,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from recache.errors import RecacheError
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
-from recache.mechanisms import HOOK_MECHANISMS, get_mechanism
+from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, get_mechanism
 from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_form, resolve_budget
 
 _HEAD_HOOK, _BLOCK_HOOK = "recache_head", "recache_block"
@@ -49,7 +49,7 @@ class RecacheHookConfig:
     """
 
     budget: Budget | None = None
-    mechanism: str = "taylorseer"
+    mechanism: str = DEFAULT_MECHANISM
     policy: SchedulePlanner | None = None
     schedule: Schedule | None = None
     num_inference_steps: int | None = None

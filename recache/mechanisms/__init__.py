@@ -12,6 +12,7 @@ from recache.mechanisms.taylorseer import TaylorSeer
 
 MECHANISMS: dict[str, type[Mechanism]] = {m.name: m for m in (StepSkip, Reuse, Delta, TaylorSeer, HiCache)}
 HOOK_MECHANISMS = tuple(name for name, m in MECHANISMS.items() if m.runs_as_hook)  # those diffusers hooks can run
+DEFAULT_MECHANISM = "taylorseer"  # of the CLI, the API and the hooks, when neither a policy nor a schedule names one
 
 
 def get_mechanism(name: str, **options) -> Mechanism:
@@ -24,4 +25,5 @@ def get_mechanism(name: str, **options) -> Mechanism:
         raise RecacheError(f"bad options for mechanism {name!r}: {e}") from None
 
 
-__all__ = ["CacheableModel", "HOOK_MECHANISMS", "MECHANISMS", "Mechanism", "Uncached", "get_mechanism"]
+__all__ = ["CacheableModel", "DEFAULT_MECHANISM", "HOOK_MECHANISMS", "MECHANISMS", "Mechanism", "Uncached",
+           "get_mechanism"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recache.errors import RecacheError
-from recache.io import read_json, write_json, write_safetensors
+from recache.io import check_regular, read_json, write_json, write_safetensors
 from recache.protocol import check_pairs
 
 MODEL_ID = "mnist-flux"
@@ -153,6 +153,7 @@ def load_flux_digits(name_or_folder: str | os.PathLike = MODEL_ID) -> tuple[obje
 
     folder = resolve(name_or_folder)
     meta = read_json(folder / "recache.json", "Flux digits metadata")
+    check_regular(folder / "class_embeddings.safetensors", "class embeddings")
     try:
         embeddings = ClassEmbeddings(**meta["class_embeddings"])
         embeddings.load_state_dict(load_file(str(folder / "class_embeddings.safetensors")))

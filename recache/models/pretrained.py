@@ -5,6 +5,7 @@ The trained weights ship inside the package under ``recache/models/weights/<name
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -13,7 +14,7 @@ from torch import nn
 
 from recache._version import __version__
 from recache.errors import RecacheError
-from recache.io import first_non_finite, read_json, write_json, write_safetensors
+from recache.io import check_regular, first_non_finite, read_json, state_mismatch, write_json, write_safetensors
 from recache.models.classifier import ClassifierConfig, DigitClassifier
 from recache.models.dit import DiT, DiTConfig
 
@@ -35,6 +36,9 @@ def resolve(name_or_folder: str | Path) -> Path:
     if str(name_or_folder) in EMBEDDED_MODELS:
         return WEIGHTS_DIR / str(name_or_folder)
     folder = Path(name_or_folder)
+    if str(name_or_folder) == "mnist-flux" or (folder / "recache.json").is_file():
+        raise RecacheError(f"{name_or_folder} is a diffusers FLUX pipeline, not an embedded DiT: give it as "
+                           f"--pipeline {name_or_folder} (train, search) or use recache.enable on it")
     if not (folder / "config.json").is_file():
         raise RecacheError(f"unknown model {str(name_or_folder)!r}: use one of {', '.join(EMBEDDED_MODELS)} "
                            "or a folder with config.json and model.safetensors")
@@ -62,17 +66,16 @@ def load_pretrained(name_or_folder: str | Path, kind: str | None = None) -> nn.M
     except (TypeError, ValueError) as e:
         raise RecacheError(f"model config in {folder} is invalid ({e})") from None
     weights = folder / "model.safetensors"
-    if not weights.is_file():
+    if not os.path.exists(weights):
         raise RecacheError(f"weights file {weights} is missing (retrain with 'make weights')")
+    check_regular(weights, "weights file")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise RecacheError(f"weights file {weights} is corrupt or not safetensors ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise RecacheError(f"weights file {weights} does not match its config.json ({first})") from None
+    if (mismatch := state_mismatch(model, state)) is not None:
+        raise RecacheError(f"weights file {weights} does not match its config.json ({mismatch})")
+    model.load_state_dict(state, strict=True)
     if (bad := first_non_finite(state)) is not None:
         raise RecacheError(f"weights file {weights} holds non-finite values in {bad}")
     return model.eval()

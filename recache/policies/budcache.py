@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from recache import distributed
 from recache.errors import RecacheError
-from recache.io import read_json, read_jsonl, write_json, write_jsonl
+from recache.io import folder_lock, read_json, read_jsonl, write_json, write_jsonl
 from recache.mechanisms import Mechanism, get_mechanism
 from recache.protocol import calibration_pairs
 from recache.sampling.interface import Sampler
@@ -85,6 +85,8 @@ class BudCacheSearch:
         check_budget(config.k, T)
         if config.k == T:
             raise RecacheError(f"budget k={config.k} equals T: every step is computed, there is nothing to search")
+        if config.k == 1:
+            raise RecacheError("budget k=1 has one schedule, step 0 alone: there is nothing to search")
         self.T, self.config, self._evaluate, self.progress = T, config, evaluate, progress
         self.memo: dict[Steps, float] = dict(memo or {})
         self.history: list[dict] = []
@@ -219,26 +221,31 @@ def search_schedule(config: SearchConfig, pipe: Sampler, out, resume: bool = Fal
     def evaluate_and_record(candidates):
         losses = objective(candidates)
         if main:
-            with open(out / MEMO, "a") as f:
-                f.writelines(json.dumps({"steps": list(c), "loss": v}) + "\n"
-                             for c, v in zip(candidates, losses, strict=True))
+            try:
+                with open(out / MEMO, "a") as f:
+                    f.writelines(json.dumps({"steps": list(c), "loss": v}) + "\n"
+                                 for c, v in zip(candidates, losses, strict=True))
+            except OSError as e:
+                raise RecacheError(f"cannot add to {out / MEMO} ({e.strerror or e}); the search stopped, and a "
+                                   "resume (--resume) repeats only what that file lacks") from None
         return losses
 
     search = BudCacheSearch(pipe.steps, config, evaluate_and_record, memo, progress and main)  # checks the budget first
-    objective = rollout_objective(pipe, get_mechanism(config.mechanism), classes, seeds, pipe(classes, seeds))
-    if main:
-        write_json(out / SEARCH, identity)
-    try:
-        search.run()
-        uniform_loss = objective([tuple(Schedule.uniform(pipe.steps, config.k).steps)])[0]  # for the report only
-    except distributed.RankLost as e:
-        raise distributed.RankLost(f"{e}; the {len(search.memo)} losses evaluated are kept in {out / MEMO}: "
-                                   "resume with --resume") from None
-    schedule = search.schedule(model=pipe.model_id, mechanism=config.mechanism, sigmas=pipe.sigma_schedule,
-                               calibration_seeds=[0, config.pairs - 1], uniform_loss=uniform_loss)
-    if main:
-        write_jsonl(out / HISTORY, search.history)
-        schedule.save(out / SCHEDULE)
+    with folder_lock(out, enabled=main):
+        objective = rollout_objective(pipe, get_mechanism(config.mechanism), classes, seeds, pipe(classes, seeds))
+        if main:
+            write_json(out / SEARCH, identity)
+        try:
+            search.run()
+            uniform_loss = objective([tuple(Schedule.uniform(pipe.steps, config.k).steps)])[0]  # for the report
+        except distributed.RankLost as e:
+            raise distributed.RankLost(f"{e}; the {len(search.memo)} losses evaluated are kept in {out / MEMO}: "
+                                       "resume with --resume") from None
+        schedule = search.schedule(model=pipe.model_id, mechanism=config.mechanism, sigmas=pipe.sigma_schedule,
+                                   calibration_seeds=[0, config.pairs - 1], uniform_loss=uniform_loss)
+        if main:
+            write_jsonl(out / HISTORY, search.history)
+            schedule.save(out / SCHEDULE)
     return schedule, search.history
 
 
@@ -256,7 +263,7 @@ def _read_memo(out: Path, resume: bool, identity: dict) -> dict[Steps, float]:
         raise RecacheError(f"{out} holds a search with other settings ({out / SEARCH}); "
                            "resume with the same ones or choose another --out")
     k, T = identity["search"]["k"], identity["T"]
-    for row in read_jsonl(out / MEMO):
+    for row in read_jsonl(out / MEMO, "search memo"):
         try:
             steps, loss = tuple(row["steps"]), row["loss"]
         except (KeyError, TypeError):

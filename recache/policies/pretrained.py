@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from recache.errors import RecacheError
-from recache.io import first_non_finite, read_json, write_json, write_safetensors
+from recache.io import check_regular, first_non_finite, read_json, state_mismatch, write_json, write_safetensors
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped policies, by name: <model>-<mechanism>
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -39,7 +39,7 @@ def write_policy(folder: str | Path, state: dict[str, torch.Tensor], config: dic
 
 def read_policy_config(folder: Path) -> dict:
     """The parsed ``config.json`` of a policy folder (an object), or one clear error."""
-    if not (folder / CONFIG).is_file():
+    if not (folder / CONFIG).exists():
         raise RecacheError(f"{folder} is not a policy folder (config.json is missing) nor a shipped policy: "
                            f"{', '.join(shipped_policies()) or 'none shipped'}")
     raw = read_json(folder / CONFIG, "policy config")
@@ -51,12 +51,15 @@ def read_policy_config(folder: Path) -> dict:
 def load_policy_weights(policy: torch.nn.Module, folder: Path) -> None:
     """Load ``model.safetensors`` into ``policy``: every tensor present, of the right shape, floating point, finite."""
     weights = folder / WEIGHTS
+    check_regular(weights, "policy weights")
     try:
         state = load_file(weights)
-        policy.load_state_dict(state)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise RecacheError(f"policy weights {weights} cannot be loaded ({reason})") from None
+    if (mismatch := state_mismatch(policy, state)) is not None:
+        raise RecacheError(f"policy weights {weights} cannot be loaded ({mismatch})")
+    policy.load_state_dict(state)
     if (bad := next((name for name, t in state.items() if not t.is_floating_point()), None)) is not None:
         raise RecacheError(f"policy weights {weights} hold {state[bad].dtype} in {bad}")
     if (bad := first_non_finite(state)) is not None:

@@ -59,6 +59,9 @@ class ReCacheConfig:
             raise RecacheError(f"step_mapping {self.step_mapping!r} is unknown; the one there is: 'nearest'")
         if not isinstance(self.training, dict):
             raise RecacheError(f"training must be an object of settings, got {self.training!r}")
+        if self.training.get("mechanism", self.mechanism) != self.mechanism:
+            raise RecacheError(f"the config's mechanism {self.mechanism!r} is not the one it was trained with "
+                               f"(training.mechanism {str(self.training['mechanism'])[:100]!r})")
         if not isinstance(self.fallback, list) or not all(is_whole(k, self.k_min, self.k_max) for k in self.fallback):
             raise RecacheError(f"fallback must list budgets within {self.k_min}-{self.k_max}, got {self.fallback!r}")
 
@@ -204,9 +207,9 @@ class ReCachePolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, T: int | None = None, model: str | None = None,
-                        mechanism: str | None = None) -> ReCachePolicy:
-        """Load a policy (a folder or a shipped name); ``T``, ``model`` and ``mechanism``, when given, must match what
-        it was trained for."""
+                        mechanism: str | None = None, sigmas: str | None = None) -> ReCachePolicy:
+        """Load a policy (a folder or a shipped name); ``T``, ``model``, ``mechanism`` and ``sigmas`` (the sigma
+        grid's name), when given, must match what it was trained for."""
         folder = resolve_policy(folder)
         raw = read_policy_config(folder)
         try:
@@ -220,6 +223,9 @@ class ReCachePolicy(nn.Module):
                                  ("mechanism", mechanism, config.mechanism)):
             if want is not None and want != have:
                 raise RecacheError(f"policy {folder} was trained for {what} = {have}, not {want}")
+        if sigmas is not None and sigmas != config.sigmas:
+            raise RecacheError(f"policy {folder} was trained on the {config.sigmas!r} sigma grid, not {sigmas!r}; use "
+                               "that grid, or allow it on this one (--allow-extrapolate)")
         policy = cls(config)
         load_policy_weights(policy, folder)
         return policy.eval()

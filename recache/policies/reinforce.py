@@ -52,6 +52,9 @@ class TrainConfig:
             raise RecacheError(f"group must be >= 2 for a leave-one-out baseline, got {self.group}")
         if not (0 < self.lr <= 1 and 0 <= self.entropy <= 10):
             raise RecacheError(f"lr must be in (0, 1] and entropy in [0, 10], got lr={self.lr}, entropy={self.entropy}")
+        if self.pairs > self.pool:
+            raise RecacheError(f"--pairs {self.pairs} is more than the --pool of {self.pool} calibration pairs "
+                               "they are drawn from")
         if self.pairs * self.group > 100_000 or self.pool > 100_000:
             raise RecacheError(f"pairs x group = {self.pairs * self.group} rollouts per update and pool = {self.pool} "
                                "must each be at most 100000 (they are held in memory at once)")

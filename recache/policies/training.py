@@ -25,7 +25,7 @@ from recache import distributed
 from recache._version import __version__
 from recache.checkpoint import load_checkpoint, save_checkpoint
 from recache.errors import NonFiniteError, RecacheError, is_whole
-from recache.io import read_jsonl, write_json, write_jsonl
+from recache.io import folder_lock, read_jsonl, write_json, write_jsonl
 from recache.mechanisms import get_mechanism
 from recache.metrics.reward import OutputReward, Reward
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
@@ -48,6 +48,11 @@ def train_recache(config: TrainConfig, out: str | Path, pipe: Sampler | None = N
     """Train (or resume) a policy on ``pipe`` (the embedded ``DigitPipeline`` by default, or a diffusers pipeline as
     ``DiffusersRollouts``, where conditions are prompts) into ``out`` (see the module docstring)."""
     run = _Run(config, Path(out), pipe or DigitPipeline.from_pretrained(), progress and distributed.is_main())
+    with folder_lock(run.out, enabled=distributed.is_main()):
+        return _train(run, resume)
+
+
+def _train(run: _Run, resume: bool) -> ReCachePolicy:
     run.start(resume)
     try:
         run.updates()
@@ -78,6 +83,9 @@ class _Run:
         for k in (config.k_min, config.k_max):
             if k < 2:
                 raise RecacheError(f"the trained budget range starts at k=2 (one free step to place), got {k}")
+        if config.k_max == pipe.steps:
+            raise RecacheError(f"--k-max {config.k_max} is T: that budget computes every step, there is nothing to "
+                               f"learn; train budgets up to T - 1 = {pipe.steps - 1}")
         if config.pool < self.ranks:
             raise RecacheError(f"pool {config.pool} is smaller than the {self.ranks} ranks: every rank needs "
                                "calibration pairs")
@@ -142,9 +150,13 @@ class _Run:
             raise RecacheError(f"{out} already holds a training run; resume it (--resume) or choose another --out")
         start, extra = load_checkpoint(out / CHECKPOINT, {"policy": self.policy}, self.optimizer,
                                        {"train": self.generator})
-        if not 0 <= start <= config.updates:
-            raise RecacheError(f"checkpoint {out / CHECKPOINT} claims {start} updates, not within "
-                               f"0-{config.updates}; delete it to start afresh")
+        if start > config.updates:
+            saved_config = extra.get("config")
+            planned = saved_config.get("updates", start) if isinstance(saved_config, dict) else start
+            raise RecacheError(f"{out} already holds {start} updates, more than the {config.updates} asked for; "
+                               f"resume it with its own --updates {planned}, or choose another --out")
+        if start < 0:
+            raise RecacheError(f"checkpoint {out / CHECKPOINT} claims {start} updates; delete it to start afresh")
         if extra.get("sampler", self.sampler) != self.sampler:
             raise RecacheError(f"{out} was trained on another sampler ({extra['sampler']}); resume with the same "
                                "model, steps, sigmas and guidance")
@@ -154,7 +166,8 @@ class _Run:
         if extra.get("ranks", 1) != self.ranks:
             raise RecacheError(f"{out} was trained on {extra.get('ranks', 1)} ranks (pairs per update = pairs x "
                                f"ranks), not {self.ranks}; resume it with --nproc {extra.get('ranks', 1)}")
-        return start, [row for row in read_jsonl(out / LOG) if is_whole(row.get("update"), 0, start - 1)]
+        logged = read_jsonl(out / LOG, "training log")
+        return start, [row for row in logged if is_whole(row.get("update"), 0, start - 1)]
 
 
 def _targets(pipe: Sampler, reward, classes: torch.Tensor, seeds: list[int], chunk: int = 64):

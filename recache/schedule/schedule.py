@@ -101,6 +101,9 @@ class Schedule:
     def from_dict(cls, data: dict) -> Schedule:
         if not isinstance(data, dict) or not isinstance(data.get("mask"), list):
             raise RecacheError("a schedule needs a 'mask' list of 0/1")
+        if data.get("format", FORMAT) != FORMAT:
+            raise RecacheError(f"schedule format {str(data['format'])[:100]!r} is unknown; this version of recache "
+                               f"reads {FORMAT!r}")
         mask = data["mask"]
         if len(mask) > MAX_STEPS:
             raise RecacheError(f"a schedule has at most {MAX_STEPS} steps, this mask has {len(mask)}")
@@ -119,8 +122,10 @@ class Schedule:
         return schedule
 
     @classmethod
-    def load(cls, path: str | os.PathLike, T: int | None = None, model: str | None = None) -> Schedule:
-        """Read a schedule file; ``T`` and ``model`` check that it was made for this sampler and model."""
+    def load(cls, path: str | os.PathLike, T: int | None = None, model: str | None = None,
+             sigmas: str | None = None) -> Schedule:
+        """Read a schedule file; ``T``, ``model`` and ``sigmas`` (the sigma grid's name) check that it was made for
+        this sampler and model. A schedule that names no grid or model is taken as made for any."""
         data = read_json(path, "schedule file")
         try:
             schedule = cls.from_dict(data)
@@ -131,4 +136,8 @@ class Schedule:
         made_for = schedule.metadata.get("model")
         if model is not None and made_for is not None and made_for != model:
             raise RecacheError(f"schedule file {path} was made for model {made_for!r}, not {model!r}")
+        grid = schedule.metadata.get("sigmas")
+        if sigmas is not None and grid is not None and grid != sigmas:
+            raise RecacheError(f"schedule file {path} was made for the {grid!r} sigma grid, not {sigmas!r}; use that "
+                               "grid, or allow it on this one (--allow-extrapolate)")
         return schedule
