@@ -11,6 +11,7 @@ from recache.errors import RecacheError
 from recache.hooks.schedule_cache import (
     RecacheHookConfig,
     apply_recache,
+    pipeline_call_started,
     pipeline_steps,
     recache_config,
     recache_stats,
@@ -47,7 +48,8 @@ def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | Re
                      else (schedule.metadata.get("mechanism") if schedule else None) or DEFAULT_MECHANISM)
     apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
                                                  num_inference_steps=num_inference_steps,
-                                                 steps_source=pipeline_steps(pipe)))
+                                                 steps_source=pipeline_steps(pipe),
+                                                 call_started=pipeline_call_started(pipe)))
     return pipe
 
 

@@ -110,3 +110,55 @@ def test_budgets_take_the_same_forms_in_the_api_and_the_cli_and_round_up(tmp_pat
         assert main(["sample", "--steps", "20", "--per-class", "1", "--budget", typed,
                      "--out", str(tmp_path / "grid.png")]) == 0
         assert "realised full passes per sample: 4 (taylorseer, uniform schedule" in capsys.readouterr().out
+
+
+def test_a_diffusers_cache_is_refused_on_top_of_recache_and_recache_on_top_of_it():
+    import torch
+    from diffusers import FirstBlockCacheConfig
+    from tiny_diffusers import euler_loop, tiny_flux_transformer, transformer_inputs
+
+    from recache.hooks import RecacheHookConfig, apply_recache, remove_recache
+
+    transformer = tiny_flux_transformer()
+    inputs, T = transformer_inputs(transformer), 6
+    reference = euler_loop(transformer, T, inputs)
+    apply_recache(transformer, RecacheHookConfig(budget=3, num_inference_steps=T))
+    with pytest.raises(ValueError, match="Caching has already been enabled"):
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    remove_recache(transformer)
+    assert not transformer.is_cache_enabled and torch.equal(euler_loop(transformer, T, inputs), reference)
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(RecacheError, match="a diffusers cache is enabled on this transformer"):
+        apply_recache(transformer, RecacheHookConfig(budget=3, num_inference_steps=T))
+    transformer.disable_cache()
+    assert torch.equal(euler_loop(transformer, T, inputs), reference)
+
+
+def test_a_call_cut_short_leaves_nothing_that_changes_the_next_call():
+    import torch
+    from tiny_diffusers import tiny_flux_pipeline
+
+    import recache
+
+    pipe = tiny_flux_pipeline()
+    call = {"prompt": "a photo of a cat", "height": 64, "width": 64, "max_sequence_length": 16, "output_type": "pt",
+            "num_inference_steps": 8}
+
+    def images(**extra):
+        return pipe(**call, generator=torch.Generator().manual_seed(0), **extra).images
+
+    recache.enable(pipe, budget=3)
+    clean = images()
+    expected = recache.summary(pipe).last["cond"]["computed_steps"]
+
+    def stop_at_step_4(pipeline, step, timestep, kwargs):
+        if step == 4:
+            raise KeyboardInterrupt
+        return kwargs
+
+    with pytest.raises(KeyboardInterrupt):
+        images(callback_on_step_end=stop_at_step_4)
+    again = images()
+    assert recache.summary(pipe).last["cond"]["computed_steps"] == expected == [0, 4, 7]
+    assert torch.equal(again, clean)
+    recache.disable(pipe)

@@ -44,6 +44,9 @@ class RecacheHookConfig:
             count; ``None`` uses the uniform schedule (or ``schedule``).
         schedule: a fixed ``Schedule``; a call must then run exactly ``schedule.T`` steps.
         num_inference_steps: the step count ``T`` when neither the cache context nor ``steps_source`` says it.
+        call_started: True while the running pipeline call has not taken its first scheduler step (``recache.enable``
+            passes the scheduler's ``step_index is None``): a generation in progress then was cut short (an exception
+            or Ctrl-C mid-call), and the hooks start afresh instead of going on from its step.
         steps_source: called at the first step of each generation to read ``T`` (``recache.enable`` passes the
             pipeline scheduler's number of timesteps).
     """
@@ -54,6 +57,7 @@ class RecacheHookConfig:
     schedule: Schedule | None = None
     num_inference_steps: int | None = None
     steps_source: Callable[[], int | None] | None = field(default=None, repr=False)
+    call_started: Callable[[], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.mechanism not in HOOK_MECHANISMS:
@@ -211,6 +215,9 @@ class _HeadHook(_BlockHook):
 
     @torch.compiler.disable
     def _decide(self, st: _ContextState, rows: int) -> bool:
+        if st.schedule is not None and 0 < st.step < st.schedule.T and self._new_call():
+            self.stats.current[self.state_manager.context.name]["cut_short"] = True
+            st.reset()
         if st.schedule is not None and st.step == st.schedule.T:
             st.reset()
         if st.schedule is None:
@@ -222,6 +229,9 @@ class _HeadHook(_BlockHook):
         else:
             record["cached_steps"] += 1
         return st.compute
+
+    def _new_call(self) -> bool:
+        return self.config.call_started is not None and bool(self.config.call_started())
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state_manager.get_state()
@@ -251,6 +261,15 @@ def pipeline_steps(pipe) -> Callable[[], int | None] | None:
     return lambda: len(scheduler.timesteps) if getattr(scheduler, "timesteps", None) is not None else None
 
 
+def pipeline_call_started(pipe) -> Callable[[], bool] | None:
+    """A ``call_started`` for a pipeline whose scheduler counts its steps (``step_index``, None until the call's
+    first ``scheduler.step``); None for one that does not."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "step_index"):
+        return None
+    return lambda: scheduler.step_index is None
+
+
 def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> RecacheStats:
     """Register the recache hooks on a supported diffusers transformer (FLUX, Wan 2.1, SD3); returns the stats object
     the hooks fill (``recache.summary`` reads it). Everything is checked before the model is touched."""
@@ -277,6 +296,8 @@ def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> Re
         HookRegistry.check_if_exists_or_initialize(block).register_hook(
             _BlockHook(state_manager, i == len(blocks) - 1), _BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    if hasattr(type(transformer), "is_cache_enabled"):  # registered as the model's cache: diffusers' enable_cache
+        transformer._cache_config = config  # now refuses a second cache, as apply_recache refuses one of diffusers'
     return stats
 
 
@@ -317,3 +338,5 @@ def remove_recache(transformer: torch.nn.Module) -> None:
             for name in (_HEAD_HOOK, _BLOCK_HOOK):
                 registry.remove_hook(name, recurse=False)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    if isinstance(getattr(transformer, "_cache_config", None), RecacheHookConfig):
+        transformer._cache_config = None
