@@ -258,9 +258,9 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_a_run_stopped_mid_training_resumes_to_the_same_policy(uninterrupted, tmp_path, sig):
-    out = tmp_path / "run"
+def _stopped_run(out, sig) -> tuple[subprocess.Popen, str, int, int]:
+    """A training run sent ``sig`` once it has checkpointed 3 updates: the process, its stderr, the updates logged
+    before the signal and those in its checkpoint after."""
     proc = subprocess.Popen([*TRAIN_ARGV, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
@@ -270,7 +270,18 @@ def test_a_run_stopped_mid_training_resumes_to_the_same_policy(uninterrupted, tm
     done_before = len(read_jsonl(out / training.LOG))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    step = _checkpoint_step(out)
+    return proc, err, done_before, _checkpoint_step(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_run_stopped_mid_training_resumes_to_the_same_policy(uninterrupted, tmp_path, sig):
+    # An update takes about 50 ms: on a loaded machine the signal can land after the last one. Such a run was not
+    # stopped mid-way, so it is tried again (at most 3 times) rather than counted.
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        proc, err, done_before, step = _stopped_run(out, sig)
+        if step < 40:
+            break
     # Ctrl-C keeps every finished update; a SIGKILL between the log's write and the checkpoint's loses that one update
     lost_at_most = 0 if sig == signal.SIGINT else 1
     assert done_before - lost_at_most <= step < 40  # it stopped mid-run
