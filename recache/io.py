@@ -62,6 +62,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a run killed mid-write (SIGKILL, power loss) left in ``folder``: ``atomic_path``'s
+    ``.<name>.<random>.tmp``. Call it holding ``folder_lock``, so that no live writer's file is taken."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on the output folder while a run writes into it (``flock`` on the folder itself, so

@@ -162,3 +162,14 @@ def test_a_call_cut_short_leaves_nothing_that_changes_the_next_call():
     assert recache.summary(pipe).last["cond"]["computed_steps"] == expected == [0, 4, 7]
     assert torch.equal(again, clean)
     recache.disable(pipe)
+
+
+def test_a_killed_runs_temporary_files_are_removed_when_the_next_run_takes_the_folder(tmp_path):
+    from recache.io import remove_stale_temporaries
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.safetensors.k3j9x2.tmp").write_bytes(b"half a checkpoint")
+    (out / "checkpoint.safetensors").write_bytes(b"whole")
+    assert [p.name for p in remove_stale_temporaries(out)] == [".checkpoint.safetensors.k3j9x2.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors"]

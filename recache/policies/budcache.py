@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from recache import distributed
 from recache.errors import RecacheError
-from recache.io import folder_lock, read_json, read_jsonl, write_json, write_jsonl
+from recache.io import folder_lock, read_json, read_jsonl, remove_stale_temporaries, write_json, write_jsonl
 from recache.mechanisms import Mechanism, get_mechanism
 from recache.protocol import calibration_pairs
 from recache.sampling.interface import Sampler
@@ -232,6 +232,8 @@ def search_schedule(config: SearchConfig, pipe: Sampler, out, resume: bool = Fal
 
     search = BudCacheSearch(pipe.steps, config, evaluate_and_record, memo, progress and main)  # checks the budget first
     with folder_lock(out, enabled=main):
+        if main:
+            remove_stale_temporaries(out)  # a killed search's half-written files; the folder is locked
         objective = rollout_objective(pipe, get_mechanism(config.mechanism), classes, seeds, pipe(classes, seeds))
         if main:
             write_json(out / SEARCH, identity)

@@ -25,7 +25,7 @@ from recache import distributed
 from recache._version import __version__
 from recache.checkpoint import load_checkpoint, save_checkpoint
 from recache.errors import NonFiniteError, RecacheError, is_whole
-from recache.io import folder_lock, read_jsonl, write_json, write_jsonl
+from recache.io import folder_lock, read_jsonl, remove_stale_temporaries, write_json, write_jsonl
 from recache.mechanisms import get_mechanism
 from recache.metrics.reward import OutputReward, Reward
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
@@ -104,6 +104,8 @@ class _Run:
 
     def start(self, resume: bool) -> None:
         """Restore a checkpoint (rank 0, shared with all ranks) and compute the uncached targets of the pool."""
+        if distributed.is_main():
+            remove_stale_temporaries(self.out)  # a killed run's half-written files; the folder is locked
         self.first, self.log = distributed.on_main(lambda: self._restore(resume))
         self.saved = self.first
         _share_state(self.policy, self.optimizer, self.generator)
