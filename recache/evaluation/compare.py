@@ -26,6 +26,7 @@ from recache.models.pretrained import load_classifier
 from recache.policies.heuristics import HEURISTICS, OnlineHeuristic
 from recache.policies.heuristics.calibrate import Calibration, calibrate
 from recache.protocol import CALIBRATION_PAIRS, calibration_pairs
+from recache.sampling.interface import sampler_identity
 
 
 def heuristic_methods(names: Sequence[str], budgets: Sequence[int], pipe, mechanisms: Sequence[str], folder: Path,
@@ -124,11 +125,6 @@ def _compare(pipe, methods: list[Method], keys: list[tuple], out: Path, classes:
             _sample_strips(pipe, [m for m in methods if m.k == k], ref, out / f"samples_k{k}.png")
     return {"rows": rows, "summary": summary, "paired": paired, "reference": distributed.all_gather_rows(ref.images),
             "reference_seconds": ref.seconds, "budgets": budgets}
-
-
-def sampler_identity(pipe) -> dict:
-    """What an evaluation was measured on; every row and ``summary.json`` record it, and a resume must match it."""
-    return {"model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule, "guidance": pipe.guidance}
 
 
 RESULT_FILES = ("rows.jsonl", "summary.json", "summary.md", "report.md")

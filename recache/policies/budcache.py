@@ -35,7 +35,7 @@ from recache.errors import RecacheError
 from recache.io import folder_lock, read_json, read_jsonl, remove_stale_temporaries, write_json, write_jsonl
 from recache.mechanisms import Mechanism, get_mechanism
 from recache.protocol import calibration_pairs
-from recache.sampling.interface import Sampler
+from recache.sampling.interface import Sampler, sampler_identity
 from recache.schedule import Schedule, check_budget
 
 
@@ -211,8 +211,7 @@ def search_schedule(config: SearchConfig, pipe: Sampler, out, resume: bool = Fal
     if config.pairs < distributed.world_size():
         raise RecacheError(f"{config.pairs} calibration pairs cannot be shared by {distributed.world_size()} ranks; "
                            "use --pairs >= the ranks")
-    identity = {"search": asdict(config), "model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule,
-                "guidance": pipe.guidance}
+    identity = {"search": asdict(config), **sampler_identity(pipe)}
     memo = distributed.on_main(lambda: _read_memo(out, resume, identity))
     classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     mine = distributed.shard(config.pairs)

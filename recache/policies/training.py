@@ -31,7 +31,7 @@ from recache.metrics.reward import OutputReward, Reward
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
 from recache.policies.reinforce import Pool, TrainConfig, draw, reinforce_update, reward_for
 from recache.protocol import calibration_pairs
-from recache.sampling.interface import Sampler
+from recache.sampling.interface import Sampler, sampler_identity
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
 
@@ -99,8 +99,7 @@ class _Run:
                 sigmas=pipe.sigma_schedule, mechanism=config.mechanism, training=training))
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.sampler = {"model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule,
-                        "guidance": pipe.guidance}
+        self.sampler = sampler_identity(pipe)
 
     def start(self, resume: bool) -> None:
         """Restore a checkpoint (rank 0, shared with all ranks) and compute the uncached targets of the pool."""

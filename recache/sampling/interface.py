@@ -41,6 +41,12 @@ class Sampler(Protocol):
         """Row ``i``: pair ``i`` under ``masks[i]``; the outputs and each row's realised full passes."""
 
 
+def sampler_identity(pipe: Sampler) -> dict:
+    """What a result was made on: model, T, sigma grid and guidance. Training checkpoints, search settings and
+    evaluation rows record it, and a resume must match it."""
+    return {"model": pipe.model_id, "T": pipe.steps, "sigmas": pipe.sigma_schedule, "guidance": pipe.guidance}
+
+
 @runtime_checkable
 class OnlineSampler(Sampler, Protocol):
     """A sampler that also runs online heuristics (TeaCache, FirstBlockCache, DiCache), which decide while sampling:
