@@ -8,15 +8,15 @@ import os
 from dataclasses import dataclass, field
 
 from recache.errors import RecacheError
+from recache.hooks.clock import pipeline_clock
 from recache.hooks.schedule_cache import (
     RecacheHookConfig,
     apply_recache,
-    pipeline_call_started,
-    pipeline_steps,
     recache_config,
     recache_stats,
     remove_recache,
     reset_recache,
+    steps_run,
 )
 from recache.hooks.transformers import model_fingerprint, transformer_blocks, transformer_of
 from recache.mechanisms import DEFAULT_MECHANISM
@@ -48,8 +48,7 @@ def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | Re
                      else (schedule.metadata.get("mechanism") if schedule else None) or DEFAULT_MECHANISM)
     apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
                                                  num_inference_steps=num_inference_steps,
-                                                 steps_source=pipeline_steps(pipe),
-                                                 call_started=pipeline_call_started(pipe)))
+                                                 clock=pipeline_clock(pipe)))
     return pipe
 
 
@@ -60,7 +59,7 @@ def disable(pipe):
 
 
 def refresh(pipe, num_inference_steps: int | None = None):
-    """Start a new generation (what every pipeline call does at its end) and, for a bare transformer, set the step
+    """Start a new generation (what every pipeline call does) and, for a bare transformer, set the step
     count of the next ones. Returns ``pipe``."""
     transformer = transformer_of(pipe)
     config = recache_config(transformer)
@@ -90,13 +89,26 @@ class CacheSummary:
         if not self.last:
             return f"recache ({self.mechanism}): no generation yet"
         lines = [f"recache ({self.mechanism}), {self.generations} generation(s) finished; last:"]
-        for name, r in self.last.items():
-            done = len(r["computed_steps"])
-            lines.append(f"  {name}: {done} computed / {r['cached_steps']} cached of T={r['T']} "
-                         f"(budget k={r['k']}, {r['source']} schedule), "
-                         f"computed steps {r['computed_steps']}, speed-up {r['T'] / max(done, 1):.2f}x "
-                         "in transformer passes")
+        lines += [f"  {name}: {_describe(r)}" for name, r in self.last.items()]
         return "\n".join(lines)
+
+
+def _describe(r: dict) -> str:
+    """One context's record: computed and cached steps, further calls inside steps, the speed-up in transformer
+    passes (calls made over blocks run), and whether the generation ran all its steps."""
+    done, ran = len(r["computed_steps"]), steps_run(r)
+    calls, passes = ran + r["extra_calls"], done + r["extra_passes"]
+    text = (f"{done} computed / {r['cached_steps']} cached of T={r['T']} (budget k={r['k']}, {r['source']} "
+            f"schedule), computed steps {r['computed_steps']}")
+    if r["extra_calls"]:
+        text += (f"; {r['extra_calls']} further call(s) inside steps (e.g. skip-layer guidance), "
+                 f"{r['extra_passes']} of them ran the blocks")
+    text += f", speed-up {calls / max(passes, 1):.2f}x in transformer passes"
+    if r.get("cut_short"):
+        text += f"; cut short after {ran} of its {r['T']} steps"
+    elif ran < r["T"]:
+        text += f"; in progress, {ran} of {r['T']} steps so far"
+    return text
 
 
 def summary(pipe) -> CacheSummary:

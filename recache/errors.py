@@ -12,3 +12,7 @@ def is_whole(value, lo: int, hi: int | None = None) -> bool:
 
 class NonFiniteError(RecacheError):
     """NaN or infinite values in a sample, an output or a reward; the message names where and at which step."""
+
+
+class RecacheWarning(UserWarning):
+    """Something ran, but not as planned (a generation that ran fewer steps than its plan was made for)."""

@@ -237,7 +237,7 @@ def test_bare_transformer_needs_a_step_count_and_refresh_sets_it():
         euler_loop(transformer, 6, inputs)
     recache.refresh(transformer, num_inference_steps=6)
     euler_loop(transformer, 6, inputs)
-    euler_loop(transformer, 6, inputs)  # a second generation starts after T steps
+    euler_loop(transformer, 6, inputs)  # a second generation: the noise level rose
     summary = recache.summary(transformer)
-    assert summary.generations == 1 and summary.full_passes == {"default": 3}
+    assert summary.generations == 2 and summary.full_passes == {"default": 3}
     recache.disable(transformer)

@@ -31,27 +31,53 @@ def tiny_flux_transformer(seed: int = 0):
                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
 
 
-def tiny_flux_pipeline(seed: int = 0):
-    """A whole FluxPipeline (CLIP + T5 + VAE + scheduler); 64x64, 10 steps in about 0.05 s."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+def tiny_flux_pipeline(seed: int = 0, img2img: bool = False):
+    """A whole FluxPipeline (CLIP + T5 + VAE + scheduler); 64x64, 10 steps in about 0.05 s. ``img2img`` builds the
+    FluxImg2ImgPipeline on the same parts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tok, tok2 = _tokenizers()
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1, projection_dim=32))
+                                        eos_token_id=1, pad_token_id=1, projection_dim=32)).eval()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-    dit = tiny_flux_transformer(seed)
-    for module in (clip, t5, vae):
-        module.eval()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=clip, tokenizer=tok,
-                        text_encoder_2=t5, tokenizer_2=tok2, vae=vae, transformer=dit)
+                                 relative_attention_num_buckets=8)).eval()
+    vae = _tiny_vae()
+    cls = FluxImg2ImgPipeline if img2img else FluxPipeline
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+               tokenizer_2=tok2, vae=vae, transformer=tiny_flux_transformer(seed))
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                         scaling_factor=1.5035).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
+    """A whole StableDiffusion3Pipeline (two CLIPs with projection, T5, VAE, scheduler) on the tiny SD3 transformer;
+    32x32 images (16x16 latents). ``img2img`` builds the StableDiffusion3Img2ImgPipeline on the same parts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok, tok3 = _tokenizers()
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8)).eval()
+        for _ in range(2)]
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=16, d_ff=16, d_kv=8, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    return cls(transformer=tiny_sd3_transformer(seed), scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(),
+               text_encoder=clips[0], tokenizer=tok, text_encoder_2=clips[1], tokenizer_2=tok,
+               text_encoder_3=t5, tokenizer_3=tok3)
 
 
 def tiny_wan_transformer(seed: int = 0):

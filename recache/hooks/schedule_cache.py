@@ -1,21 +1,23 @@
 """Budgeted step caching on diffusers transformers through diffusers' hook system (``HookRegistry``).
 
-A head hook on the first block decides, at every denoising step, whether this step computes (``mask[step] = 1``)
-or is cached; other blocks run or pass their inputs through; the last block records the block-stack residual
-``h_out - h_in`` (and the text stream's, for FLUX and SD3) into a recache mechanism. A cached step adds the
-mechanism's estimate of that residual to the fresh block input: ``reuse`` the last residual (FORA), ``taylorseer``
-or ``hicache`` a forecast from the last computed steps. Embeddings and the final norm/projection run every step.
+A hook on the transformer places each call in its generation (``clock.py``: the pipeline's scheduler, the cache
+context, or the calls' noise levels), makes the generation's plan for the call's own step count, and decides
+whether this step computes (``mask[step] = 1``) or is cached. Hooks on the blocks then run them, or pass their
+inputs through; after the blocks the transformer hook records the block-stack residual ``h_out - h_in`` (and the
+text stream's, for FLUX and SD3) into a recache mechanism. A cached step adds the mechanism's estimate of that
+residual to the input of the first block: ``reuse`` the last residual (FORA), ``taylorseer`` or ``hicache`` a
+forecast from the last computed steps. Embeddings and the final norm/projection run every step.
 
-The mask of a call comes from a fixed ``Schedule``, a learned ``ReCachePolicy`` (for any step count) or the uniform
-schedule, for the budget resolved against the call's step count ``T``. State is kept per cache context (diffusers
-pipelines call the transformer in ``cache_context("cond")`` / ``("uncond")``, so each CFG branch runs its own
-budget) and reset at the end of every pipeline call; a transformer driven directly starts a new generation after
-``T`` steps.
+The mask of a generation comes from a fixed ``Schedule``, a learned planner (a ``ReCachePolicy``, for any step
+count) or the uniform schedule, for the budget resolved against the generation's step count ``T``. State is kept
+per cache context (diffusers pipelines call the transformer in ``cache_context("cond")`` / ``("uncond")``, so each
+CFG branch runs its own budget), starts afresh with every generation, and is dropped after its last step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,12 +25,14 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-from recache.errors import RecacheError
+from recache.errors import RecacheError, RecacheWarning
+from recache.hooks.clock import Clock, StepPosition, next_position, noise_level
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
 from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, get_mechanism
+from recache.mechanisms.base import ALL
 from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_form, resolve_budget
 
-_HEAD_HOOK, _BLOCK_HOOK = "recache_head", "recache_block"
+_CALL_HOOK, _BLOCK_HOOK = "recache_call", "recache_block"
 _DEFAULT_CONTEXT = "default"  # the state of calls made outside any cache_context
 
 
@@ -43,12 +47,11 @@ class RecacheHookConfig:
         policy: a ``SchedulePlanner`` (a learned ``ReCachePolicy``) giving the schedule for any budget and step
             count; ``None`` uses the uniform schedule (or ``schedule``).
         schedule: a fixed ``Schedule``; a call must then run exactly ``schedule.T`` steps.
-        num_inference_steps: the step count ``T`` when neither the cache context nor ``steps_source`` says it.
-        call_started: True while the running pipeline call has not taken its first scheduler step (``recache.enable``
-            passes the scheduler's ``step_index is None``): a generation in progress then was cut short (an exception
-            or Ctrl-C mid-call), and the hooks start afresh instead of going on from its step.
-        steps_source: called at the first step of each generation to read ``T`` (``recache.enable`` passes the
-            pipeline scheduler's number of timesteps).
+        num_inference_steps: the step count ``T`` when neither the clock nor the cache context says it (a
+            transformer driven directly).
+        clock: where each call sits in its generation (``recache.enable`` passes ``pipeline_clock(pipe)``, which
+            reads the pipeline's scheduler); without it, the cache context's ``step_index`` or the calls' noise
+            levels tell (``clock.py``).
     """
 
     budget: Budget | None = None
@@ -56,8 +59,7 @@ class RecacheHookConfig:
     policy: SchedulePlanner | None = None
     schedule: Schedule | None = None
     num_inference_steps: int | None = None
-    steps_source: Callable[[], int | None] | None = field(default=None, repr=False)
-    call_started: Callable[[], bool] | None = field(default=None, repr=False)
+    clock: Clock | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.mechanism not in HOOK_MECHANISMS:
@@ -93,7 +95,8 @@ class RecacheHookConfig:
 @dataclass
 class RecacheStats:
     """What the hooks did: one record per finished generation (per context: ``T``, planned ``k``, the computed
-    steps and how many steps were cached), and the generation in progress."""
+    steps, how many steps were cached, the calls made inside a step beyond the first and how many of those ran
+    the blocks), and the generation in progress."""
 
     mechanism: str
     calls: list[dict[str, dict]] = field(default_factory=list)
@@ -110,13 +113,32 @@ class RecacheStats:
         return self.calls[-1] if self.calls else self.current
 
 
+def steps_run(record: dict) -> int:
+    """The steps a generation's record has run so far, computed or cached."""
+    return len(record["computed_steps"]) + record["cached_steps"]
+
+
+class _Stream:
+    """The caching state of one stream of calls in a generation: the first call of every step (stream 0), or the
+    n-th further call inside a step (stream n: SD3's skip-layer guidance), which has inputs and residuals of its
+    own. Ours: a further call follows its step's decision, but computes while its stream has nothing recorded."""
+
+    def __init__(self, mechanism: str, rows: int, steps: int):
+        self.mechanisms = {"h": get_mechanism(mechanism), "e": get_mechanism(mechanism)}
+        for m in self.mechanisms.values():
+            m.reset(rows, steps)
+        self.recorded = self.has_e = False
+
+
 class _ContextState(BaseState):
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.step, self.schedule, self.compute, self.mechanisms, self.has_e = 0, None, True, None, False
-        self.h_in = self.e_in = None
+        self.position = self.level = self.schedule = self.record = self.stream = None
+        self.streams: dict[int, _Stream] = {}
+        self.calls_in_step, self.compute, self.filled = 0, True, False
+        self.h_in = self.e_in = self.h_out = self.e_out = None
 
 
 class _StateManager(StateManager):
@@ -135,6 +157,13 @@ def _io(meta, args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     return h, meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
 
 
+def _outputs(meta, out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden_states, encoder_hidden_states or None) of a block's output (SD3's last block returns no text)."""
+    out = out if isinstance(out, tuple) else (out,)
+    e_at = meta.return_encoder_hidden_states_index
+    return out[meta.return_hidden_states_index], (out[e_at] if e_at is not None else None)
+
+
 def _pack(meta, h, e):
     """A block's output from the streams, in the order its class returns them."""
     if meta.return_encoder_hidden_states_index is None:
@@ -145,13 +174,16 @@ def _pack(meta, h, e):
 
 
 class _BlockHook(ModelHook):
-    """Runs the block when the step computes, else passes its inputs through; the tail block records the residual."""
+    """On a computing call: runs the block (the first block to run keeps the stack's input, every block leaves its
+    output, so the last one run gives the stack's output, whichever layers a call skips). On a cached call: the
+    first block reached returns its input plus the mechanism's estimate of the stack residual, the others pass
+    their input through."""
 
     _is_stateful = True
 
-    def __init__(self, state_manager: StateManager, is_tail: bool):
+    def __init__(self, state_manager: StateManager):
         super().__init__()
-        self.state_manager, self.is_tail = state_manager, is_tail
+        self.state_manager = state_manager
 
     def initialize_hook(self, module):
         self.meta = TransformerBlockRegistry.get(type(module))
@@ -163,111 +195,136 @@ class _BlockHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state_manager.get_state()
-        if not st.compute:
-            out = _pack(self.meta, *_io(self.meta, args, kwargs))
-        else:
+        if st.compute or st.stream is None:
+            if st.h_in is None:
+                h, e = _io(self.meta, args, kwargs)  # clone: a block may write its input in place
+                st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)
             out = self.fn_ref.original_forward(*args, **kwargs)
-            if self.is_tail:
-                self._record(st, out)
-        if self.is_tail:
-            st.step += 1
-        return out
-
-    def _record(self, st: _ContextState, out) -> None:
-        out = out if isinstance(out, tuple) else (out,)
-        h_out = out[self.meta.return_hidden_states_index]
-        st.mechanisms["h"].record(st.step, slice(None), st.h_in, h_out)
-        if self.meta.return_encoder_hidden_states_index is not None and st.e_in is not None:
-            e_out = out[self.meta.return_encoder_hidden_states_index]
-            if e_out is not None:  # SD3's last block returns no text stream
-                st.mechanisms["e"].record(st.step, slice(None), st.e_in, e_out)
-                st.has_e = True
+            st.h_out, st.e_out = _outputs(self.meta, out)
+            return out
+        h, e = _io(self.meta, args, kwargs)
+        if not st.filled:
+            st.filled, step = True, st.position.step
+            h = st.stream.mechanisms["h"].cached_pass(step, ALL, h, None, ())
+            if e is not None and st.stream.has_e:
+                e = st.stream.mechanisms["e"].cached_pass(step, ALL, e, None, ())
+        return _pack(self.meta, h, e)
 
 
-class _HeadHook(_BlockHook):
-    """First block: starts a generation (step count, schedule, fresh mechanism state), decides compute or cache,
-    and advances the step."""
+class _CallHook(ModelHook):
+    """On the transformer: places each call in its generation (``clock``), starts a generation (its plan for the
+    call's own step count, fresh mechanism state), decides compute or cache, and after the blocks records the
+    stack residual ``h_out - h_in``. A stream's state is dropped after its generation's last step."""
 
-    def __init__(self, state_manager: StateManager, config: RecacheHookConfig, stats: RecacheStats, is_tail: bool):
-        super().__init__(state_manager, is_tail)
-        self.config, self.stats = config, stats
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager, config: RecacheHookConfig, stats: RecacheStats):
+        super().__init__()
+        self.state_manager, self.config, self.stats = state_manager, config, stats
+
+    def initialize_hook(self, module):
+        names = list(inspect.signature(module.forward).parameters)
+        self.timestep_at = names.index("timestep") if "timestep" in names else None
+        return module
 
     def reset_state(self, module):
         self.stats.finish()
-        return super().reset_state(module)
-
-    def _start(self, st: _ContextState, rows: int) -> None:
-        ctx = self.state_manager.context
-        T = (ctx.num_inference_steps or (self.config.steps_source() if self.config.steps_source else None)
-             or self.config.num_inference_steps)
-        T = T or (self.config.schedule.T if self.config.schedule is not None else None)
-        if not T:
-            raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to "
-                               "RecacheHookConfig (or use recache.enable on the pipeline)")
-        st.schedule = self.config.plan(int(T))
-        st.mechanisms = {"h": get_mechanism(self.config.mechanism), "e": get_mechanism(self.config.mechanism)}
-        for mechanism in st.mechanisms.values():
-            mechanism.reset(rows, st.schedule.T)
-        if ctx.name in self.stats.current:  # a transformer driven directly: the previous generation is over
-            self.stats.finish()
-        self.stats.current[ctx.name] = {"T": st.schedule.T, "k": st.schedule.k, "computed_steps": [], "cached_steps": 0,
-                                        "source": st.schedule.metadata.get("source", "schedule")}
-
-    @torch.compiler.disable
-    def _decide(self, st: _ContextState, rows: int) -> bool:
-        if st.schedule is not None and 0 < st.step < st.schedule.T and self._new_call():
-            self.stats.current[self.state_manager.context.name]["cut_short"] = True
-            st.reset()
-        if st.schedule is not None and st.step == st.schedule.T:
-            st.reset()
-        if st.schedule is None:
-            self._start(st, rows)
-        st.compute = st.schedule.mask[st.step]
-        record = self.stats.current[self.state_manager.context.name]
-        if st.compute:
-            record["computed_steps"].append(st.step)
-        else:
-            record["cached_steps"] += 1
-        return st.compute
-
-    def _new_call(self) -> bool:
-        return self.config.call_started is not None and bool(self.config.call_started())
+        self.state_manager.reset()
+        return module
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state_manager.get_state()
-        h, e = _io(self.meta, args, kwargs)
-        compute = self._decide(st, h.shape[0])
-        if compute:
-            # clone: a block may write its input in place
-            st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if self.is_tail:
-                self._record(st, out)
-        else:
-            h = st.mechanisms["h"].cached_pass(st.step, slice(None), h, None, ())
-            if e is not None and st.has_e:
-                e = st.mechanisms["e"].cached_pass(st.step, slice(None), e, None, ())
-            out = _pack(self.meta, h, e)
-        if self.is_tail:
-            st.step += 1
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        timestep = kwargs.get("timestep", args[self.timestep_at] if self.timestep_at is not None
+                              and self.timestep_at < len(args) else None)
+        self._begin(st, hidden.shape[0], timestep)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self._end(st)
         return out
 
+    def _position(self, st: _ContextState, timestep) -> tuple[StepPosition, float | None]:
+        """The call's position, and its noise level when no clock gave the position (a GPU sync, done only then)."""
+        position = self.config.clock() if self.config.clock is not None else None
+        if position is not None:
+            return position, None
+        ctx, level = self.state_manager.context, noise_level(timestep)
+        last = st.position if st.position is not None and not st.position.from_pipeline else None
+        return next_position(last, st.level, level, ctx.step_index, ctx.num_inference_steps), level
 
-def pipeline_steps(pipe) -> Callable[[], int | None] | None:
-    """A ``steps_source`` for a pipeline: the number of timesteps its scheduler was set to for the running call."""
-    scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is None:
-        return None
-    return lambda: len(scheduler.timesteps) if getattr(scheduler, "timesteps", None) is not None else None
+    @torch.compiler.disable
+    def _begin(self, st: _ContextState, rows: int, timestep) -> None:
+        position, level = self._position(st, timestep)
+        if st.position is None or position.call is not st.position.call:
+            self._start(st, position)
+        elif position.step == st.position.step:
+            st.calls_in_step += 1  # another call inside this step
+        else:
+            st.calls_in_step = 1
+        if position.step >= st.schedule.T:
+            raise RecacheError(f"this generation runs more than the T={st.schedule.T} steps it was planned for; "
+                               "give the loop's step count (num_inference_steps, recache.refresh, or "
+                               "cache_context(name, step_index=i, num_inference_steps=T))")
+        st.position, st.level = position, level
+        index = st.calls_in_step - 1
+        if index not in st.streams:
+            st.streams[index] = _Stream(self.config.mechanism, rows, st.schedule.T)
+        st.stream, planned = st.streams[index], bool(st.schedule.mask[position.step])
+        st.compute, st.filled = planned or not st.stream.recorded, False
+        st.h_in = st.e_in = st.h_out = st.e_out = None
+        if index > 0:
+            st.record["extra_calls"] += 1
+            st.record["extra_passes"] += int(st.compute)
+        elif st.compute:
+            st.record["computed_steps"].append(position.step)
+        else:
+            st.record["cached_steps"] += 1
 
+    def _start(self, st: _ContextState, position: StepPosition) -> None:
+        T = position.steps or self.config.num_inference_steps or (
+            self.config.schedule.T if self.config.schedule is not None else None)
+        if not T:
+            raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to "
+                               "RecacheHookConfig (or use recache.enable on the pipeline)")
+        schedule = self.config.plan(int(T))  # refused here, the state of the last generation is untouched
+        self._close(st)
+        st.reset()
+        st.schedule, st.calls_in_step = schedule, 1
+        name = self.state_manager.context.name
+        if name in self.stats.current:
+            self.stats.finish()
+        st.record = self.stats.current[name] = {
+            "T": schedule.T, "k": schedule.k, "computed_steps": [], "cached_steps": 0,
+            "source": schedule.metadata.get("source", "schedule"), "extra_calls": 0, "extra_passes": 0}
 
-def pipeline_call_started(pipe) -> Callable[[], bool] | None:
-    """A ``call_started`` for a pipeline whose scheduler counts its steps (``step_index``, None until the call's
-    first ``scheduler.step``); None for one that does not."""
-    scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "step_index"):
-        return None
-    return lambda: scheduler.step_index is None
+    def _close(self, st: _ContextState) -> None:
+        """The previous generation of this context ends: if it ran fewer steps than planned, say so (a pipeline call
+        cut short by an exception, or a loop that ran fewer steps than the plan was made for)."""
+        record = st.record
+        if record is None or steps_run(record) == record["T"]:
+            return
+        record["cut_short"] = True
+        if not st.position.from_pipeline:
+            warnings.warn(f"a generation on this transformer ran {steps_run(record)} of the T={record['T']} steps "
+                          f"its plan was made for (computed {len(record['computed_steps'])} of k={record['k']}); "
+                          "give the loop's step count (num_inference_steps, recache.refresh, or "
+                          "cache_context(name, step_index=i, num_inference_steps=T))", RecacheWarning, stacklevel=4)
+
+    @torch.compiler.disable
+    def _end(self, st: _ContextState) -> None:
+        stream, step = st.stream, st.position.step
+        if st.compute and st.h_out is not None:
+            stream.mechanisms["h"].record(step, ALL, st.h_in, st.h_out)
+            if st.e_in is not None and st.e_out is not None:
+                stream.mechanisms["e"].record(step, ALL, st.e_in, st.e_out)
+                stream.has_e = True
+            stream.recorded = True
+        st.h_in = st.e_in = st.h_out = st.e_out = None
+        if step == st.schedule.T - 1:  # the generation's last step: nothing of this stream is needed any more
+            index = st.calls_in_step - 1
+            st.streams = {} if index == 0 else {i: s for i, s in st.streams.items() if i != index}
+            st.stream = None
+            if all(steps_run(r) == r["T"] for r in self.stats.current.values()):
+                self.stats.finish()
 
 
 def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> RecacheStats:
@@ -290,44 +347,40 @@ def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> Re
             raise RecacheError(f"block class {type(block).__name__} is not registered with diffusers' "
                                "TransformerBlockRegistry") from None
     state_manager, stats = _StateManager(_ContextState), RecacheStats(config.mechanism)
-    head = _HeadHook(state_manager, config, stats, is_tail=len(blocks) == 1)
-    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(head, _HEAD_HOOK)
-    for i, block in enumerate(blocks[1:], start=1):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(
-            _BlockHook(state_manager, i == len(blocks) - 1), _BLOCK_HOOK)
-    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(_CallHook(state_manager, config, stats), _CALL_HOOK)
+    for block in blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(state_manager), _BLOCK_HOOK)
+    registry.invalidate_child_registries_cache()
     if hasattr(type(transformer), "is_cache_enabled"):  # registered as the model's cache: diffusers' enable_cache
         transformer._cache_config = config  # now refuses a second cache, as apply_recache refuses one of diffusers'
     return stats
 
 
-def _head_hook(transformer: torch.nn.Module) -> _HeadHook | None:
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(_HEAD_HOOK) is not None:
-            return registry.get_hook(_HEAD_HOOK)
-    return None
+def _call_hook(transformer: torch.nn.Module) -> _CallHook | None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return registry.get_hook(_CALL_HOOK) if registry is not None else None
 
 
 def is_recache_enabled(transformer: torch.nn.Module) -> bool:
-    return _head_hook(transformer) is not None
+    return _call_hook(transformer) is not None
 
 
 def recache_stats(transformer: torch.nn.Module) -> RecacheStats | None:
-    head = _head_hook(transformer)
-    return head.stats if head is not None else None
+    hook = _call_hook(transformer)
+    return hook.stats if hook is not None else None
 
 
 def recache_config(transformer: torch.nn.Module) -> RecacheHookConfig | None:
-    head = _head_hook(transformer)
-    return head.config if head is not None else None
+    hook = _call_hook(transformer)
+    return hook.config if hook is not None else None
 
 
 def reset_recache(transformer: torch.nn.Module) -> None:
     """Start a new generation on every context (what a pipeline does at the end of each call)."""
-    head = _head_hook(transformer)
-    if head is not None:
-        head.reset_state(transformer)
+    hook = _call_hook(transformer)
+    if hook is not None:
+        hook.reset_state(transformer)
 
 
 def remove_recache(transformer: torch.nn.Module) -> None:
@@ -335,7 +388,7 @@ def remove_recache(transformer: torch.nn.Module) -> None:
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:
-            for name in (_HEAD_HOOK, _BLOCK_HOOK):
+            for name in (_CALL_HOOK, _BLOCK_HOOK):
                 registry.remove_hook(name, recurse=False)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     if isinstance(getattr(transformer, "_cache_config", None), RecacheHookConfig):

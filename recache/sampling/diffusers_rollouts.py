@@ -18,12 +18,11 @@ import torch
 from recache import distributed
 from recache.data.prompts import load_prompts
 from recache.errors import NonFiniteError, RecacheError
+from recache.hooks.clock import pipeline_clock
 from recache.hooks.schedule_cache import (
     RecacheHookConfig,
     apply_recache,
     is_recache_enabled,
-    pipeline_call_started,
-    pipeline_steps,
     remove_recache,
 )
 from recache.hooks.transformers import model_fingerprint, transformer_blocks
@@ -129,8 +128,7 @@ class DiffusersRollouts:
         for mask in torch.unique(masks.bool(), dim=0):
             rows = (masks.bool() == mask).all(1).nonzero().squeeze(1).tolist()
             config = RecacheHookConfig(schedule=Schedule(tuple(mask.tolist())), mechanism=name,
-                                       steps_source=pipeline_steps(self.pipe),
-                                       call_started=pipeline_call_started(self.pipe))
+                                       clock=pipeline_clock(self.pipe))
             stats = apply_recache(self.pipe.transformer, config)
             try:
                 images = self._run([conds[r] for r in rows], [seeds[r] for r in rows])
