@@ -8,7 +8,8 @@ time (median of ``--runs`` timed calls of the whole held-out batch; speed-up aga
 same runs).
 
 - ours: uniform schedules (``reuse``, ``taylorseer``), a BudCache-searched ``taylorseer`` schedule (searched here
-  on ``--search-pairs`` calibration pairs with at most 5 hill-climbing moves, unless ``--search-dir`` holds it)
+  on ``--search-pairs`` calibration pairs with at most 5 hill-climbing moves, unless ``--search-dir`` holds it), the
+  path plan on a ``taylorseer`` cost table of ``--path-pairs`` calibration pairs (``recache search --method path``)
   and the shipped ReCache policy ``mnist-flux-taylorseer`` (trained on this pipeline with
   ``recache train --pipeline mnist-flux``);
 - diffusers 0.42's: ``FirstBlockCacheConfig`` (threshold bisected on calibration seeds to the budget),
@@ -17,7 +18,7 @@ same runs).
   ``TaylorSeerCacheConfig`` (interval and warm-up chosen to realise the budget; default mode forecasts the
   attention outputs and still runs the MLPs on cached steps, lite mode skips whole blocks).
 
-    .venv/bin/python bench/diffusers_caches.py [--budgets 7,10] [--runs 3] [--per-class 5]
+    .venv/bin/python bench/diffusers_caches.py [--budgets 7,10] [--runs 3] [--per-class 5] [--only 'path plan']
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from recache.models.flux_digits import FluxDigitsPipeline  # noqa: E402
 from recache.models.pretrained import load_classifier  # noqa: E402
 from recache.policies import ReCachePolicy  # noqa: E402
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule  # noqa: E402
+from recache.policies.cost_table import plan_from_calibration  # noqa: E402
 from recache.protocol import calibration_pairs, heldout_pairs  # noqa: E402
 from recache.sampling.diffusers_rollouts import load_rollouts  # noqa: E402
 from recache.schedule import Schedule  # noqa: E402
@@ -203,39 +205,66 @@ def parse_args() -> argparse.Namespace:
                         help="BudCache searches (reused if present)")
     parser.add_argument("--search-pairs", type=int, default=32,
                         help="calibration pairs of the BudCache searches (8 overfits here)")
+    parser.add_argument("--path-pairs", type=int, default=4, help="calibration pairs of the path plan's cost table")
+    parser.add_argument("--only", type=lambda t: t.split(","), default=None,
+                        help="evaluate only these methods (comma-separated names or families, e.g. 'path plan')")
     parser.add_argument("--out", default="runs/bench/diffusers_caches")
     return parser.parse_args()
 
 
 def methods_at_budget(k, args, digits, counter, policy, ratios, cal_classes, cal_seeds) -> list[tuple]:
-    """The (name, family, setup) of every method at budget ``k``: recache's schedules (the BudCache one searched
-    unless ``--search-dir`` holds it) and diffusers' caches calibrated to ``k`` on the calibration pairs."""
+    """The (name, family, setup) of every method at budget ``k`` whose name contains one of ``--only``: recache's
+    schedules (the BudCache one searched unless ``--search-dir`` holds it, the path plan on a cost table measured
+    once in ``--out``) and diffusers' caches calibrated to ``k`` on the calibration pairs. Each is built only when
+    it is kept, so a run of a few methods pays no search or calibration for the others."""
     T = digits.steps
-    search_dir = Path(args.search_dir) / f"taylorseer-k{k}-p{args.search_pairs}"
-    if (search_dir / SCHEDULE).exists():
-        searched = Schedule.load(search_dir / SCHEDULE, T=T)
-    else:
-        config = SearchConfig(k=k, mechanism="taylorseer", pairs=args.search_pairs, hc_iters=5)
-        searched, _ = search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir)
-    fbc, _ = bisect_threshold(lambda t: FirstBlockCacheConfig(threshold=t), digits, counter, k, cal_classes, cal_seeds)
     magcache = lambda t: MagCacheConfig(threshold=t, mag_ratios=ratios, num_inference_steps=T,  # noqa: E731
                                         max_skip_steps=T, retention_ratio=0.1)
-    mag, _ = bisect_threshold(magcache, digits, counter, k, cal_classes, cal_seeds, hi=8.0)
-    methods = [
-        ("uniform / reuse", "recache", ours(Schedule.uniform(T, k), "reuse")),
-        ("uniform / taylorseer", "recache", ours(Schedule.uniform(T, k), "taylorseer")),
-        ("BudCache searched / taylorseer", "recache", ours(searched, "taylorseer")),
-        ("ReCache learned / taylorseer", "recache", ours(policy.schedule(k), "taylorseer")),
-        (f"FirstBlockCache (threshold {fbc:.3g})", "diffusers", theirs(FirstBlockCacheConfig(threshold=fbc))),
-        (f"MagCache (threshold {mag:.3g})", "diffusers",
-         theirs(magcache(mag))),
+    def bisect(make, **kw) -> float:
+        return bisect_threshold(make, digits, counter, k, cal_classes, cal_seeds, **kw)[0]
+
+    makers = [
+        ("uniform / reuse", "recache", lambda: ours(Schedule.uniform(T, k), "reuse")),
+        ("uniform / taylorseer", "recache", lambda: ours(Schedule.uniform(T, k), "taylorseer")),
+        ("BudCache searched / taylorseer", "recache", lambda: ours(searched_schedule(k, args, T), "taylorseer")),
+        ("path plan / taylorseer", "recache", lambda: ours(planned_schedule(k, args, T), "taylorseer")),
+        ("ReCache learned / taylorseer", "recache", lambda: ours(policy.schedule(k), "taylorseer")),
+        ("FirstBlockCache", "diffusers", lambda: FirstBlockCacheConfig(threshold=bisect(
+            lambda t: FirstBlockCacheConfig(threshold=t)))),
+        ("MagCache", "diffusers", lambda: magcache(bisect(magcache, hi=8.0))),
+        ("TaylorSeerCache", "diffusers", lambda: taylorseer_config(digits, counter, k, cal_classes, cal_seeds, False)),
+        ("TaylorSeerCache lite", "diffusers",
+         lambda: taylorseer_config(digits, counter, k, cal_classes, cal_seeds, True)),
     ]
-    for lite in (False, True):
-        config = taylorseer_config(digits, counter, k, cal_classes, cal_seeds, lite)
-        label = (f"TaylorSeerCache{' lite' if lite else ''} (interval {config.cache_interval}, "
-                 f"warm-up {config.disable_cache_before_step})")
-        methods.append((label, "diffusers", theirs(config)))
-    return methods
+    kept = [(name, family, make) for name, family, make in makers
+            if not args.only or any(part == name or part in name.split(" / ")[0] for part in args.only)]
+    return [(_label(name, built), family, built if family == "recache" else theirs(built))
+            for name, family, built in ((n, f, make()) for n, f, make in kept)]
+
+
+def _label(name: str, built) -> str:
+    """A diffusers cache's name with the settings it was calibrated to."""
+    if isinstance(built, TaylorSeerCacheConfig):
+        return f"{name} (interval {built.cache_interval}, warm-up {built.disable_cache_before_step})"
+    if isinstance(built, FirstBlockCacheConfig | MagCacheConfig):
+        return f"{name} (threshold {built.threshold:.3g})"
+    return name
+
+
+def searched_schedule(k: int, args, T: int) -> Schedule:
+    search_dir = Path(args.search_dir) / f"taylorseer-k{k}-p{args.search_pairs}"
+    if (search_dir / SCHEDULE).exists():
+        return Schedule.load(search_dir / SCHEDULE, T=T)
+    config = SearchConfig(k=k, mechanism="taylorseer", pairs=args.search_pairs, hc_iters=5)
+    return search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir)[0]
+
+
+def planned_schedule(k: int, args, T: int) -> Schedule:
+    """The path plan for ``k`` on a cost table of ``--path-pairs`` calibration pairs (measured once, then reused)."""
+    budgets = [int(b) for b in args.budgets.split(",")]
+    folder = Path(args.out) / f"path-p{args.path_pairs}"
+    return plan_from_calibration(load_rollouts("mnist-flux", steps=T), "taylorseer", args.path_pairs, budgets,
+                                 folder, resume=True)[k]
 
 
 def main() -> None:

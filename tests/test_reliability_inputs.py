@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from recache.checkpoint import save_checkpoint
 from recache.cli import main
 from recache.models.pretrained import WEIGHTS_DIR
+from recache.policies import cost_table
 from recache.policies.pretrained import PRETRAINED_DIR
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
 from recache.policies.reinforce import TrainConfig
@@ -135,6 +136,11 @@ def make_misused_files(root: Path) -> None:
     save_checkpoint(root / "three-updates-run" / "checkpoint.safetensors", {"policy": policy},
                     torch.optim.Adam(policy.parameters()), {"train": torch.Generator()}, 3,
                     {"config": asdict(TrainConfig(k_min=2, k_max=4)), "ranks": 1})
+    identity = {"model": "mnist-dit", "T": 8, "sigmas": "linear", "guidance": 2.0, "mechanism": "reuse", "pairs": 4}
+    cost_table._save(root / "reuse-table" / cost_table.TABLE, torch.zeros(9, 9, dtype=torch.float64),
+                     torch.ones(9, 9, dtype=torch.bool), identity)
+    (root / "damaged-table").mkdir()
+    (root / "damaged-table" / cost_table.TABLE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a table")
 
 
 @pytest.fixture(scope="module")

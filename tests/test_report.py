@@ -50,8 +50,14 @@ def test_headline_picks_the_best_at_the_budget_and_pairs_the_change():
             == ("taylorseer", "teacache", "hicache"))
     assert entry["vs best heuristic"]["relative"] == pytest.approx(0.6 / 0.8 - 1)
     assert entry["vs uniform"]["relative"] == pytest.approx(0.6 / 0.9 - 1)
+    assert entry["best"]["group"] == "ReCache" and entry["best"]["vs"] == "best heuristic"
     (row,) = [line for line in table.splitlines() if line.startswith("| 5 |")]
-    assert "| -25.0 % ± " in row and "magcache" not in row
+    assert "| ReCache **-25.0 % ± " in row and "magcache" not in row and "| - | - |" in row  # no search, no plan
+    rows += _rows("budcache", [v * 0.5 for v in base], "taylorseer") + _rows("path", [v * 0.55 for v in base])
+    (entry,), table = headline(rows, [5], costs={"path plan": "80 s, 4,900 rollouts"})
+    assert (entry["best"]["group"], entry["best"]["vs"]) == ("BudCache", "path plan")
+    assert entry["best"]["relative"] == pytest.approx(0.5 / 0.55 - 1)
+    assert "| cost of the schedules | - | - | - | 80 s, 4,900 rollouts | - | | |" in table.splitlines()
     assert ("- Left out at k = 5: magcache / reuse (realised k = 9.00): more than half a pass from the budget."
             in table.splitlines())
 

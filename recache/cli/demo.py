@@ -1,9 +1,10 @@
 """``recache demo``: the main job on the embedded default, in one command.
 
-Loads the shipped ReCache policies, searches BudCache schedules for two budgets, calibrates the threshold
-heuristics (TeaCache, MagCache, FirstBlockCache, DiCache, fixed interval) to the same budgets, evaluates all of
-them with the uniform schedule on the held-out pairs against the uncached output (quality next to the realised
-budget and the measured speed-up), and writes ``runs/demo/report.md`` with its plots.
+Loads the shipped ReCache policies, searches BudCache schedules for two budgets, plans schedules on one measured
+cost table (path planning), calibrates the threshold heuristics (TeaCache, MagCache, FirstBlockCache, DiCache, fixed
+interval) to the same budgets, evaluates all of them with the uniform schedule on the held-out pairs against the
+uncached output (quality next to the realised budget and the measured speed-up, and what each schedule cost to
+get), and writes ``runs/demo/report.md`` with its plots.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from recache.evaluation.evaluate import Method
 from recache.io import write_text
 from recache.policies import ReCachePolicy, shipped_policies
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
+from recache.policies.cost_table import plan_from_calibration
 from recache.policies.heuristics import HEURISTICS
 from recache.protocol import CALIBRATION_PAIRS, heldout_pairs
 from recache.sampling.pipeline import DigitPipeline
@@ -27,6 +29,7 @@ from recache.viz import save_image_grid
 
 DEMO_MECHANISMS = "step-skip,reuse,taylorseer,hicache"
 SEARCH_MECHANISM = "taylorseer"
+PATH_PAIRS = 4  # calibration pairs of the demo's cost table (recache search --method path's default)
 
 
 def add_parser(sub) -> None:
@@ -50,47 +53,82 @@ def run(args: argparse.Namespace) -> int:
         check_budget(k, pipe.steps)
     classes, seeds = heldout_pairs()
     methods = [Method("uniform", m, k, Schedule.uniform(pipe.steps, k)) for k in args.budgets for m in args.mechanisms]
-    for m in args.mechanisms:
-        name = f"{pipe.model_id}-{m}"
-        if name in shipped_policies():
-            policy = ReCachePolicy.from_pretrained(name, T=pipe.steps)
-            methods += [Method("recache", m, k, policy.schedule(k))
-                        for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
-    if not any(m.policy == "recache" for m in methods):
-        raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} "
-                           f"with mechanisms {', '.join(args.mechanisms)}")
-    searches = [SearchConfig(k=k, mechanism=SEARCH_MECHANISM) for k in args.budgets]
-    for config in searches:
-        print(f"BudCache search, k = {config.k}, {SEARCH_MECHANISM} ...")
-        folder = out / "search" / f"{SEARCH_MECHANISM}-k{config.k}"
-        searched = (Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists()
-                    else search_schedule(config, pipe, folder, resume=True)[0])
-        methods.append(Method("budcache", SEARCH_MECHANISM, config.k, searched))
+    learned, recache_cost = _shipped_policy_methods(pipe, args)
+    methods, costs = methods + learned, {"uniform": "none", "ReCache": recache_cost}
+    searched, costs["BudCache"] = _searched_methods(pipe, args.budgets, out)
+    methods += searched
+    print(f"path planning for k = {', '.join(map(str, args.budgets))}, {SEARCH_MECHANISM} ...")
+    began = time.perf_counter()
+    plans = plan_from_calibration(pipe, SEARCH_MECHANISM, PATH_PAIRS, args.budgets, out / "path", resume=True)
+    methods += [Method("path", SEARCH_MECHANISM, k, schedule) for k, schedule in plans.items()]
+    costs["path plan"] = (f"{time.perf_counter() - began:.0f} s, {pipe.steps * (pipe.steps - 1) // 2 * PATH_PAIRS:,} "
+                          f"rollouts (one cost table for every budget)")
     print(f"calibrating {', '.join(HEURISTICS)} to k = {', '.join(map(str, args.budgets))} ...")
+    began = time.perf_counter()
     found, notes = heuristic_methods(list(HEURISTICS), args.budgets, pipe, args.mechanisms, out / "calibrations")
+    costs["best heuristic"] = (f"{time.perf_counter() - began:.0f} s calibrating the {len(HEURISTICS)} heuristics "
+                               f"({CALIBRATION_PAIRS} pairs)")
     methods += found
     print(f"evaluating {len(methods)} methods on {len(seeds)} held-out pairs (quality, FLOPs, wall-clock) ...")
     # the demo's folder is its own: no rows or plots of an earlier demo stay behind unless resuming
     result = run_comparison(pipe, methods, out, classes, seeds, timing_runs=3, resume=args.resume,
                             clear=not args.resume)
-    reference = result["reference"]
-    grid_images = reference.view(-1, 10, *reference.shape[1:])[:8].flatten(0, 1)  # digits 0-9 by row
-    save_image_grid(grid_images, out / "samples.png", nrow=10)
-    intro = (f"Embedded model mnist-dit (T = {pipe.steps} Euler steps, CFG {pipe.guidance:g}); {len(seeds)} held-out "
-             f"(class, seed) pairs, never used for training, search or calibration; every metric against the uncached "
-             f"sample from the same noise and class. Uncached sampling of the {len(seeds)} pairs: "
-             f"{result['reference_seconds']:.2f} s. ReCache: the shipped policies; BudCache: searched here on "
-             f"{searches[0].pairs} calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds calibrated here "
-             f"to each budget on {CALIBRATION_PAIRS} calibration pairs; TeaCache, FirstBlockCache and DiCache fill "
-             f"skipped steps their own way, MagCache and the fixed interval give a fixed "
-             f"schedule, run with each mechanism. "
-             f"Demo time: {time.perf_counter() - start:.0f} s.\n\n"
-             f"![uncached samples](samples.png)")
-    write_text(out / "report.md", markdown_report(result, "recache demo: equal-budget comparison", intro, notes))
-    _, table = headline(result["rows"], result["budgets"])
+    _write_report(pipe, result, out, notes, costs, start)
+    _, table = headline(result["rows"], result["budgets"], costs=costs)
     if table:
         print(f"\nclassifier feature distance to uncached (lower is better):\n{table}")
     for note in notes:
         print(f"note: {note}")
     print(f"report: {out / 'report.md'} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def _shipped_policy_methods(pipe, args) -> tuple[list[Method], str]:
+    """The shipped policies' schedules for the budgets they cover, and what training them cost (the rollouts of one
+    training, which covers every budget)."""
+    methods, rollouts = [], []
+    for m in args.mechanisms:
+        name = f"{pipe.model_id}-{m}"
+        if name in shipped_policies():
+            policy = ReCachePolicy.from_pretrained(name, T=pipe.steps)
+            methods += [Method("recache", m, k, policy.schedule(k))
+                        for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
+            t = policy.config.training
+            rollouts += [t["updates"] * t["pairs"] * t["group"]] if {"updates", "pairs", "group"} <= set(t) else []
+    if not methods:
+        raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} "
+                           f"with mechanisms {', '.join(args.mechanisms)}")
+    cost = (f"shipped: {max(rollouts):,} rollouts in one training for every budget (not run by the demo)" if rollouts
+            else "shipped (one training for every budget)")
+    return methods, cost
+
+
+def _searched_methods(pipe, budgets: list[int], out: Path) -> tuple[list[Method], str]:
+    """A BudCache search per budget (reused when its folder holds the schedule), and what the searches cost."""
+    methods, seconds, rollouts = [], 0.0, 0
+    for config in [SearchConfig(k=k, mechanism=SEARCH_MECHANISM) for k in budgets]:
+        print(f"BudCache search, k = {config.k}, {SEARCH_MECHANISM} ...")
+        folder, began = out / "search" / f"{SEARCH_MECHANISM}-k{config.k}", time.perf_counter()
+        searched = (Schedule.load(folder / SCHEDULE) if (folder / SCHEDULE).exists()
+                    else search_schedule(config, pipe, folder, resume=True)[0])
+        seconds += time.perf_counter() - began
+        rollouts += searched.metadata["evaluations"] * config.pairs
+        methods.append(Method("budcache", SEARCH_MECHANISM, config.k, searched))
+    return methods, f"{seconds:.0f} s, {rollouts:,} rollouts ({len(budgets)} searches, one per budget)"
+
+
+def _write_report(pipe, result: dict, out: Path, notes: list[str], costs: dict[str, str], start: float) -> None:
+    reference = result["reference"]
+    grid_images = reference.view(-1, 10, *reference.shape[1:])[:8].flatten(0, 1)  # digits 0-9 by row
+    save_image_grid(grid_images, out / "samples.png", nrow=10)
+    intro = (f"Embedded model mnist-dit (T = {pipe.steps} Euler steps, CFG {pipe.guidance:g}); {len(reference)} "
+             f"held-out (class, seed) pairs, never used for training, search or calibration; every metric against "
+             f"the uncached sample from the same noise and class. Uncached sampling of the {len(reference)} pairs: "
+             f"{result['reference_seconds']:.2f} s. ReCache: the shipped policies; BudCache: searched here on "
+             f"{SearchConfig(k=1).pairs} calibration pairs with {SEARCH_MECHANISM}; path plan: planned here on a cost "
+             f"table of {PATH_PAIRS} calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds calibrated "
+             f"here to each budget on {CALIBRATION_PAIRS} calibration pairs; TeaCache, FirstBlockCache and DiCache "
+             f"fill skipped steps their own way, MagCache and the fixed interval give a fixed schedule, run with each "
+             f"mechanism. Demo time: {time.perf_counter() - start:.0f} s.\n\n![uncached samples](samples.png)")
+    write_text(out / "report.md", markdown_report(result, "recache demo: equal-budget comparison", intro, notes,
+                                                  costs=costs))

@@ -170,62 +170,97 @@ def _sample_strips(pipe, methods: list[Method], ref, path: Path) -> None:
     plot_sample_strips(strips, path)
 
 
-def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_distance") -> tuple[list[dict], str]:
-    """Per budget: the best uniform, best calibrated heuristic and best learned (ReCache) row by ``metric`` (any
-    mechanism) among those whose mean realised k is within half a pass of the budget, and ReCache's relative change
-    against the other two, with the paired standard error. Below the table, a line for every method left out for
-    missing the budget, and for every budget left without a row because of it ("" when there is nothing to show)."""
+HEADLINE_GROUPS = {  # column -> which policies it holds; the first, second and last must be evaluated for a row
+    "uniform": lambda p: p == "uniform", "best heuristic": lambda p: p in HEURISTICS,
+    "BudCache": lambda p: p == "budcache", "path plan": lambda p: p == "path",
+    "ReCache": lambda p: p.startswith("recache")}
+REQUIRED_GROUPS = ("uniform", "best heuristic", "ReCache")
+_GROUP_NAMES = {"uniform": "uniform schedule", "best heuristic": "calibrated heuristic", "ReCache": "ReCache policy",
+                "BudCache": "BudCache search", "path plan": "path plan"}
+
+
+def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_distance",
+             costs: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """Per budget: the best row of each kind of schedule (uniform, calibrated heuristic, BudCache search, path plan,
+    ReCache; any mechanism) by ``metric`` among those whose mean realised k is within half a pass of the budget; which
+    kind is best, against the runner-up, and ReCache against the best heuristic and uniform, as relative changes
+    with the paired standard error. ``costs`` (column -> text) adds a last row: what getting the schedules cost.
+    Below the table, a line for every method left out for missing the budget, and for every budget left without a
+    row because of it ("" when there is nothing to show)."""
     by_key: dict[tuple, dict] = {}
     for r in rows:
         by_key.setdefault(_key(r["policy"], r["mechanism"], r["k"]), {})[(r["class"], r["seed"])] = r
-    groups = {"uniform": lambda p: p == "uniform", "best heuristic": lambda p: p in HEURISTICS,
-              "ReCache": lambda p: p.startswith("recache")}
-    names = {"uniform": "uniform schedule", "best heuristic": "calibrated heuristic", "ReCache": "ReCache policy"}
-    entries, lines, left_out = [], [], []
+    entries, left_out = [], []
     for k in budgets:
-        evaluated = {group: [(key, samples, sum(r["full_passes"] for r in samples.values()) / len(samples))
-                             for key, samples in by_key.items() if key[2] == k and member(key[0])]
-                     for group, member in groups.items()}
-        if not all(evaluated.values()):
-            continue  # a kind of method not evaluated at this budget: no headline row to speak of
-        best = {}
-        for group, members in evaluated.items():
-            at_budget = [(key, samples) for key, samples, realised in members if abs(realised - k) <= 0.5]
-            off = [f"{key[0]} / {key[1]} (realised k = {realised:.2f})"
-                   for key, _, realised in members if abs(realised - k) > 0.5]
-            if not at_budget:
-                left_out.append(f"- No row at k = {k}: no {names[group]} within half a pass of the budget "
-                                f"(left out: {', '.join(off)}).")
-                continue
-            best[group] = min(at_budget, key=lambda c: sum(r[metric] for r in c[1].values()) / len(c[1]))
-            if off:
-                left_out.append(f"- Left out at k = {k}: {', '.join(off)}: more than half a pass from the budget.")
-        if len(best) < 3:
+        best = _best_of_each_kind(by_key, k, metric, left_out)
+        if best is not None:
+            entries.append(_headline_entry(k, best, metric))
+    if not entries:
+        return [], "\n".join(left_out) + "\n" if left_out else ""
+    columns = list(HEADLINE_GROUPS)
+    lines = [f"| {e['k']} | " + " | ".join(_cell(e[g], metric) if g in e else "-" for g in columns)
+             + f" | {e['best']['group']}{_versus(e['best'])} | {_versus(e['vs best heuristic'])} |" for e in entries]
+    if costs:
+        lines.append("| cost of the schedules | " + " | ".join(costs.get(g, "-") for g in columns) + " | | |")
+    table = ("| k of T | uniform (best mechanism) | best calibrated heuristic | BudCache search | path plan | ReCache "
+             "(best mechanism) | best, against the runner-up | ReCache vs heuristic |\n" + "|---" * 8 + "|\n"
+             + "\n".join(lines) + "\n")
+    return entries, table + ("\n" + "\n".join(left_out) + "\n" if left_out else "")
+
+
+def _best_of_each_kind(by_key: dict, k: int, metric: str, left_out: list[str]) -> dict | None:
+    """Column -> (key, samples) of its best method at budget ``k``; None when a required column has no method
+    evaluated (nothing to say) or none within half a pass of the budget (said in ``left_out``)."""
+    best = {}
+    for group, member in HEADLINE_GROUPS.items():
+        members = [(key, samples, sum(r["full_passes"] for r in samples.values()) / len(samples))
+                   for key, samples in by_key.items() if key[2] == k and member(key[0])]
+        if not members:
+            if group in REQUIRED_GROUPS:
+                return None  # a kind of method not evaluated at this budget: no headline row to speak of
             continue
-        entry = {"k": k}
-        for group, (key, samples) in best.items():
-            first = next(iter(samples.values()))
-            entry[group] = {"policy": key[0], "mechanism": key[1],
-                            metric: sum(r[metric] for r in samples.values()) / len(samples),
-                            "realised_k": sum(r["full_passes"] for r in samples.values()) / len(samples),
-                            "speedup": first["speedup"]}
-        learned = best["ReCache"][1]
-        for other in ("best heuristic", "uniform"):
-            base = best[other][1]
-            diff = torch.tensor([learned[p][metric] - base[p][metric] for p in learned], dtype=torch.float64)
-            mean, se = mean_and_se(diff)
-            entry[f"vs {other}"] = {"relative": mean / entry[other][metric], "relative_se": se / entry[other][metric]}
-        entries.append(entry)
-        lines.append(f"| {k} | {_cell(entry['uniform'], metric)} | {_cell(entry['best heuristic'], metric)} | "
-                     f"{_cell(entry['ReCache'], metric)} | "
-                     + " | ".join(f"{100 * entry[f'vs {o}']['relative']:+.1f} % "
-                                  f"± {100 * entry[f'vs {o}']['relative_se']:.1f}"
-                                  for o in ("best heuristic", "uniform")) + " |")
-    table = ("| k of T | uniform (best mechanism) | best calibrated heuristic | ReCache (best mechanism) | "
-             "ReCache vs heuristic | ReCache vs uniform |\n|---|---|---|---|---|---|\n"
-             + "\n".join(lines) + "\n") if entries else ""
-    notes = "\n".join(left_out) + "\n" if left_out else ""
-    return entries, table + ("\n" if table and notes else "") + notes
+        at_budget = [(key, samples) for key, samples, realised in members if abs(realised - k) <= 0.5]
+        off = [f"{key[0]} / {key[1]} (realised k = {realised:.2f})" for key, _, realised in members
+               if abs(realised - k) > 0.5]
+        if not at_budget:
+            left_out.append(f"- No row at k = {k}: no {_GROUP_NAMES[group]} within half a pass of the budget "
+                            f"(left out: {', '.join(off)}).")
+            if group in REQUIRED_GROUPS:
+                return None
+            continue
+        best[group] = min(at_budget, key=lambda c: sum(r[metric] for r in c[1].values()) / len(c[1]))
+        if off:
+            left_out.append(f"- Left out at k = {k}: {', '.join(off)}: more than half a pass from the budget.")
+    return best
+
+
+def _headline_entry(k: int, best: dict, metric: str) -> dict:
+    entry = {"k": k}
+    for group, (key, samples) in best.items():
+        first = next(iter(samples.values()))
+        entry[group] = {"policy": key[0], "mechanism": key[1],
+                        metric: sum(r[metric] for r in samples.values()) / len(samples),
+                        "realised_k": sum(r["full_passes"] for r in samples.values()) / len(samples),
+                        "speedup": first["speedup"]}
+    ranked = sorted(best, key=lambda g: entry[g][metric])
+    entry["best"] = {"group": ranked[0], **_relative(best[ranked[0]][1], best[ranked[1]][1], metric), "vs": ranked[1]}
+    for other in ("best heuristic", "uniform"):
+        entry[f"vs {other}"] = {**_relative(best["ReCache"][1], best[other][1], metric), "vs": other}
+    return entry
+
+
+def _relative(samples: dict, base: dict, metric: str) -> dict:
+    """Mean paired change of ``samples`` against ``base``, relative to ``base``'s mean, with its standard error."""
+    diff = torch.tensor([samples[p][metric] - base[p][metric] for p in samples], dtype=torch.float64)
+    mean, se = mean_and_se(diff)
+    base_mean = sum(r[metric] for r in base.values()) / len(base)
+    return {"relative": mean / base_mean, "relative_se": se / base_mean}
+
+
+def _versus(change: dict) -> str:
+    significant = abs(change["relative"]) > 2 * change["relative_se"]
+    text = f"{100 * change['relative']:+.1f} % ± {100 * change['relative_se']:.1f} vs {change['vs']}"
+    return f" **{text}**" if significant else f" {text} (not significant)"
 
 
 def _cell(e: dict, metric: str) -> str:
@@ -233,15 +268,17 @@ def _cell(e: dict, metric: str) -> str:
     return f"{e[metric]:.3f} ({e['policy']} / {e['mechanism']}, k = {e['realised_k']:.3g}{speed})"
 
 
-def markdown_report(result: dict, title: str, intro: str, notes: Sequence[str] = ()) -> str:
+def markdown_report(result: dict, title: str, intro: str, notes: Sequence[str] = (),
+                    costs: dict[str, str] | None = None) -> str:
     """The comparison as Markdown: headline, notes, full table, paired comparisons and the plots."""
-    entries, head = headline(result["rows"], result["budgets"])
+    entries, head = headline(result["rows"], result["budgets"], costs=costs)
     text = f"# {title}\n\n{intro}\n\n"
     if head:  # only when uniform, a heuristic and ReCache were all evaluated at some budget
         text += f"## Headline: classifier feature distance to the uncached sample (lower is better)\n\n{head}\n"
     if entries:
-        text += ("Cells: mean feature distance (policy / mechanism, mean realised k, measured speed-up). Relative "
-                 "change of ReCache against the other column, ± paired standard error over the same pairs.\n\n")
+        text += ("Cells: mean feature distance (policy / mechanism, mean realised k, measured speed-up). The best "
+                 "kind of schedule at each budget against the runner-up, and ReCache against the best heuristic: "
+                 "relative change ± paired standard error over the same pairs (bold: more than two).\n\n")
     if notes:
         text += "## Notes\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
     text += ("## All methods\n\nMean ± standard error over the pairs. realised k: mean full passes (min-max when "

@@ -15,7 +15,8 @@ Kept from the reference: the moves, their probabilities, the prefix, geometric c
 the final output. Changed, deliberately: the search is seeded (deterministic); the initial state is scored (the
 reference can return "no cache" with loss inf); hill climbing starts from the global best of annealing (as the
 reference's Wan script, not its FLUX script); several calibration pairs by default; candidates and neighbourhoods
-are evaluated with batched rollouts.
+are evaluated with batched rollouts. Ours: ``start`` begins the first restart from a given schedule (a path plan,
+``path_planning.py``) instead of a random one; the fixed prefix is then the part of ``0..p-1`` it computes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class SearchConfig:
     window: int = 3
     far_jumps: int = 2
     seed: int = 0
+    start: tuple[int, ...] | None = None  # the first restart's initial schedule (computed steps); None: random
 
     def __post_init__(self):
         for name in ("pairs", "restarts"):
@@ -68,6 +70,10 @@ class SearchConfig:
     @property
     def prefix(self) -> int:
         return max(1, self.k // 4)
+
+    def settings(self) -> dict:
+        """The settings as a search records them (``start`` only when given, so earlier searches still resume)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "start" and v is None)}
 
 
 Steps = tuple[int, ...]
@@ -92,6 +98,14 @@ class BudCacheSearch:
         self.history: list[dict] = []
         self.rng = random.Random(config.seed)
         self.best: tuple[float, Steps] = (math.inf, ())
+        self.prefix = config.prefix
+        if config.start is not None:
+            start = tuple(config.start)
+            if len(start) != config.k or list(start) != sorted(set(start)) or start[0] != 0 or start[-1] >= T:
+                raise RecacheError(f"the search's start must be {config.k} distinct steps from 0 to {T - 1}, "
+                                   f"step 0 first; got {list(start)[:60]}")
+            self.prefix = next((q for q in range(config.prefix, 0, -1) if set(range(q)) <= set(start)), 1)
+        self.starts = [tuple(config.start)] if config.start is not None else []
 
     def loss(self, candidates: list[Steps], phase: str) -> list[float]:
         new = [c for c in dict.fromkeys(candidates) if c not in self.memo]
@@ -105,11 +119,13 @@ class BudCacheSearch:
         return [self.memo[c] for c in candidates]
 
     def initial(self) -> Steps:
-        p, k = self.config.prefix, self.config.k
+        if self.starts:
+            return self.starts.pop()
+        p, k = self.prefix, self.config.k
         return tuple(sorted([*range(p), *self.rng.sample(range(p, self.T), k - p)]))
 
     def propose(self, state: Steps) -> Steps:
-        p = self.config.prefix
+        p = self.prefix
         computed = [s for s in state if s >= p]
         cached = [s for s in range(p, self.T) if s not in state]
         moves = 1 if self.rng.random() < 0.9 or len(computed) < 2 or len(cached) < 2 else 2
@@ -123,7 +139,7 @@ class BudCacheSearch:
         return tuple(sorted((set(state) - set(src)) | set(dst)))
 
     def neighbours(self, state: Steps) -> list[Steps]:
-        p, w, T = self.config.prefix, self.config.window, self.T
+        p, w, T = self.prefix, self.config.window, self.T
         out = []
         for c in (s for s in state if s >= p):
             targets = (list(range(max(p, c - w), min(T - 1, c + w) + 1))
@@ -173,7 +189,7 @@ class BudCacheSearch:
 
     def schedule(self, **metadata) -> Schedule:
         return Schedule.from_steps(self.T, self.best[1], source="budcache", search_loss=self.best[0],
-                                   evaluations=len(self.memo), search=asdict(self.config), **metadata)
+                                   evaluations=len(self.memo), search=self.config.settings(), **metadata)
 
 
 def rollout_objective(pipe: Sampler, mechanism: Mechanism, classes: torch.Tensor, seeds: list[int],
@@ -211,7 +227,7 @@ def search_schedule(config: SearchConfig, pipe: Sampler, out, resume: bool = Fal
     if config.pairs < distributed.world_size():
         raise RecacheError(f"{config.pairs} calibration pairs cannot be shared by {distributed.world_size()} ranks; "
                            "use --pairs >= the ranks")
-    identity = {"search": asdict(config), **sampler_identity(pipe)}
+    identity = {"search": config.settings(), **sampler_identity(pipe)}
     memo = distributed.on_main(lambda: _read_memo(out, resume, identity))
     classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     mine = distributed.shard(config.pairs)
