@@ -199,7 +199,8 @@ def headline(rows: list[dict], budgets: Sequence[int], metric: str = "feature_di
         return [], "\n".join(left_out) + "\n" if left_out else ""
     columns = list(HEADLINE_GROUPS)
     lines = [f"| {e['k']} | " + " | ".join(_cell(e[g], metric) if g in e else "-" for g in columns)
-             + f" | {e['best']['group']}{_versus(e['best'])} | {_versus(e['vs best heuristic'])} |" for e in entries]
+             + f" | {e['best']['group']}{_versus(e['best'])} | {_versus(e['vs best heuristic']).strip()} |"
+             for e in entries]
     if costs:
         lines.append("| cost of the schedules | " + " | ".join(costs.get(g, "-") for g in columns) + " | | |")
     table = ("| k of T | uniform (best mechanism) | best calibrated heuristic | BudCache search | path plan | ReCache "
