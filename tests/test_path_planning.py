@@ -146,3 +146,26 @@ def test_a_search_can_start_from_the_plan(tmp_path, capsys):
     searched = Schedule.load(tmp_path / "search" / "schedule.json")
     assert searched.metadata["search_loss"] <= history[0]["loss"]
     assert searched.metadata["search"]["start"] == list(plan.steps)
+
+
+@pytest.mark.parametrize("key, value", [("model", "mnist-flux"), ("guidance", 4.0), ("pairs", 8)])
+def test_a_table_of_another_sampler_is_refused_naming_the_setting(tmp_path, key, value):
+    identity = {"model": "mnist-dit", "T": 4, "sigmas": "linear", "guidance": 2.0, "mechanism": "reuse", "pairs": 4}
+    cost_table._save(tmp_path / cost_table.TABLE, torch.zeros(5, 5, dtype=torch.float64),
+                     torch.ones(5, 5, dtype=torch.bool), identity)
+    assert cost_table.load_table(tmp_path / cost_table.TABLE, identity)[2] == identity
+    with pytest.raises(RecacheError, match=f"was measured with {key} = {identity[key]!r}, this run has {value!r}"):
+        cost_table.load_table(tmp_path / cost_table.TABLE, {**identity, key: value})
+
+
+@pytest.mark.parametrize("identity, cost", [
+    ({"T": "4"}, torch.zeros(5, 5, dtype=torch.float64)),  # T not a number
+    ({"T": 4}, torch.zeros(4, 4, dtype=torch.float64)),  # shape against T
+    ({"T": 4}, torch.full((5, 5), float("nan"), dtype=torch.float64)),
+    ({"T": 4}, -torch.ones(5, 5, dtype=torch.float64)),
+])
+def test_damaged_tables_are_one_line(tmp_path, identity, cost):
+    path = tmp_path / cost_table.TABLE
+    cost_table._save(path, cost, torch.ones_like(cost, dtype=torch.bool), identity)
+    with pytest.raises(RecacheError, match="is damaged .* it is left as it is"):
+        cost_table.load_table(path)

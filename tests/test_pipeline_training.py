@@ -135,6 +135,16 @@ def test_cli_search_on_a_saved_pipeline(saved_pipeline, tmp_path, capsys):
     assert "k = 3 of 6" in capsys.readouterr().out
 
 
+def test_cli_path_plan_on_a_saved_pipeline(saved_pipeline, tmp_path, capsys):
+    code = main(["search", "--method", "path", "--pipeline", str(saved_pipeline / "tinyflux"),
+                 "--prompts", str(saved_pipeline / "prompts.txt"), "--steps", "5", "--budgets", "2,3", "--pairs", "2",
+                 "--height", "32", "--width", "32", "--out", str(tmp_path / "p")])
+    assert code == 0
+    assert "cost table of 10 segments on 2 calibration pairs" in capsys.readouterr().out
+    schedule = Schedule.load(tmp_path / "p" / "schedule-k3.json")
+    assert (schedule.T, schedule.k, schedule.metadata["source"]) == (5, 3, "path")
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--mechanism", "delta"], "mechanism 'delta' cannot run on a diffusers pipeline"),
     (["--fidelity", "ssim"], "fidelity 'ssim' is not available on a pipeline"),

@@ -22,11 +22,11 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from recache import distributed
-from recache.errors import RecacheError
+from recache.errors import RecacheError, is_whole
 from recache.io import check_regular, folder_lock, remove_stale_temporaries, write_safetensors
 from recache.mechanisms import get_mechanism
 from recache.policies.budcache import rollout_objective
-from recache.policies.path_planning import OBJECTIVES, plan_schedules
+from recache.policies.path_planning import check_objective, plan_schedules
 from recache.protocol import calibration_pairs
 from recache.sampling.interface import Sampler, sampler_identity
 from recache.schedule import Schedule, check_budget
@@ -57,8 +57,8 @@ def load_table(path: str | Path, identity: dict | None = None) -> tuple[torch.Te
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("identity"), dict):
         raise RecacheError(f"cost table {path} is not a {FORMAT} file; it is left as it is")
     saved, n = meta["identity"], cost.shape[0] if cost.dim() == 2 else -1
-    if (cost.shape != (n, n) or measured.shape != (n, n) or n != saved.get("T", -2) + 1 or not cost.is_floating_point()
-            or not torch.isfinite(cost).all() or (cost < 0).any()):
+    if (not is_whole(saved.get("T"), 1) or cost.shape != (n, n) or measured.shape != (n, n) or n != saved["T"] + 1
+            or not cost.is_floating_point() or not torch.isfinite(cost).all() or (cost < 0).any()):
         raise RecacheError(f"cost table {path} is damaged (shapes, T or values); it is left as it is")
     for key, value in (identity or {}).items():
         if saved.get(key) != value:
@@ -124,8 +124,7 @@ def plan_from_calibration(pipe: Sampler, mechanism: str, pairs: int, budgets: li
     ``schedule-k<k>.json`` per budget beside the table. Budgets are checked before any rollout."""
     for k in budgets:
         check_budget(k, pipe.steps)
-    if objective not in OBJECTIVES:
-        raise RecacheError(f"cost objective {objective!r} is not known; choose one of {', '.join(OBJECTIVES)}")
+    check_objective(objective)
     cost = measure_costs(pipe, mechanism, pairs, out, resume=resume, progress=progress)
     schedules = plan_schedules(cost, budgets, objective, model=pipe.model_id, mechanism=mechanism,
                                sigmas=pipe.sigma_schedule, calibration_seeds=[0, pairs - 1])

@@ -68,14 +68,18 @@ def _walk_back(came_from: torch.Tensor, k: int, T: int) -> tuple[int, ...]:
 
 def plan_schedules(cost: torch.Tensor, budgets: list[int], objective: str = "sum", **metadata) -> dict[int, Schedule]:
     """One ``Schedule`` per budget, planned on ``cost`` (``(T+1, T+1)``); ``metadata`` goes into each schedule."""
-    if objective not in OBJECTIVES:
-        raise RecacheError(f"cost objective {objective!r} is not known; choose one of {', '.join(OBJECTIVES)}")
+    check_objective(objective)
     T = cost.shape[0] - 1
     for k in budgets:
         check_budget(k, T)
     plans = (plan_sum if objective == "sum" else plan_minimax)(cost, max(budgets))
     return {k: Schedule.from_steps(T, plans[k], source="path", objective=objective,
                                    planned_cost=path_cost(cost, plans[k], objective), **metadata) for k in budgets}
+
+
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise RecacheError(f"cost objective {objective!r} is not known; choose one of {', '.join(OBJECTIVES)}")
 
 
 def path_cost(cost: torch.Tensor, steps: tuple[int, ...], objective: str = "sum") -> float:
