@@ -32,6 +32,7 @@ from recache.policies.path_planning import OBJECTIVES
 from recache.schedule import Schedule, check_budget, resolve_budget
 
 METHODS = ("anneal", "path")
+ANNEAL_OPTIONS = ("sa_iters", "hc_iters", "restarts", "t_max", "t_min", "start")
 PATH_PAIRS = 4  # calibration pairs of a cost table: 1,225 rollouts each at T = 50
 
 
@@ -54,15 +55,15 @@ def add_parser(sub) -> None:
     p.add_argument("--pairs", type=positive_int, default=None,
                    help=f"calibration (class, seed) pairs, seeds 0..pairs-1, split across ranks with --nproc "
                         f"(default: {d.pairs} for anneal, {PATH_PAIRS} for path)")
-    p.add_argument("--sa-iters", type=nonnegative_int, default=d.sa_iters,
+    p.add_argument("--sa-iters", type=nonnegative_int, default=None,
                    help=f"annealing iterations (default: {d.sa_iters})")
-    p.add_argument("--hc-iters", type=nonnegative_int, default=d.hc_iters,
+    p.add_argument("--hc-iters", type=nonnegative_int, default=None,
                    help=f"at most this many hill-climbing moves (default: {d.hc_iters})")
-    p.add_argument("--restarts", type=positive_int, default=d.restarts,
+    p.add_argument("--restarts", type=positive_int, default=None,
                    help=f"random restarts sharing the memo (default: {d.restarts})")
-    p.add_argument("--t-max", type=nonnegative_float, default=d.t_max,
+    p.add_argument("--t-max", type=nonnegative_float, default=None,
                    help=f"initial temperature (default: {d.t_max:g})")
-    p.add_argument("--t-min", type=nonnegative_float, default=d.t_min, help=f"final temperature (default: {d.t_min:g})")
+    p.add_argument("--t-min", type=nonnegative_float, default=None, help=f"final temperature (default: {d.t_min:g})")
     p.add_argument("--start", default=None, metavar="SCHEDULE",
                    help="with --method anneal: start the annealing from this schedule file (e.g. a path plan's "
                         "schedule-k<k>.json) instead of a random one")
@@ -83,8 +84,9 @@ def _check_method_options(args: argparse.Namespace) -> None:
         raise RecacheError("--budgets needs --method path; an annealing search runs one --budget")
     if args.method == "anneal" and args.cost != "sum":
         raise RecacheError("--cost needs --method path")
-    if args.method == "path" and args.start is not None:
-        raise RecacheError("--start needs --method anneal (a path plan has no starting point)")
+    given = [f"--{name.replace('_', '-')}" for name in ANNEAL_OPTIONS if getattr(args, name) is not None]
+    if args.method == "path" and given:
+        raise RecacheError(f"{given[0]} needs --method anneal (a path plan has no annealing, restarts or start)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
     def settings(k: int) -> SearchConfig:
         if first is not None and first.k != k:
             raise RecacheError(f"the start schedule {args.start} has k={first.k}, the budget is k={k}")
-        return SearchConfig(k=k, mechanism=args.mechanism, pairs=pairs, sa_iters=args.sa_iters,
-                            hc_iters=args.hc_iters, restarts=args.restarts, t_max=args.t_max, t_min=args.t_min,
-                            seed=args.seed, start=tuple(first.steps) if first is not None else None)
+        given = {name: getattr(args, name) for name in ANNEAL_OPTIONS[:-1] if getattr(args, name) is not None}
+        return SearchConfig(k=k, mechanism=args.mechanism, pairs=pairs, seed=args.seed, **given,
+                            start=tuple(first.steps) if first is not None else None)
 
     if first is None:
         settings(1)  # the settings are refused before the model is loaded, whatever the budget
