@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from test_hooks import block_runs
-from tiny_diffusers import euler_loop, tiny_flux_pipeline, tiny_flux_transformer, tiny_sd3_pipeline, transformer_inputs
+from tiny_diffusers import (
+    euler_loop,
+    tiny_flux_pipeline,
+    tiny_flux_transformer,
+    tiny_sd3_pipeline,
+    tiny_wan_pipeline,
+    transformer_inputs,
+)
 
 import recache
 from recache.errors import RecacheError, RecacheWarning
@@ -20,8 +27,15 @@ SLG = {"skip_guidance_layers": [1], "skip_layer_guidance_stop": 0.5}  # steps 1-
 FLUX_CALL = {**SD3_CALL, "height": 64, "width": 64}
 
 
+WAN_CALL = {"prompt": "a cat", "negative_prompt": "a dog", "height": 32, "width": 32, "num_frames": 1,
+            "max_sequence_length": 16, "output_type": "latent"}
+
+
 def images(pipe, steps=10, **kw):
-    call = FLUX_CALL if "Flux" in type(pipe).__name__ else SD3_CALL
+    name = type(pipe).__name__
+    if name == "WanPipeline":
+        return pipe(**WAN_CALL, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kw).frames
+    call = FLUX_CALL if "Flux" in name else SD3_CALL
     return pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kw).images
 
 
@@ -168,5 +182,22 @@ def test_a_loop_of_ones_own_after_pipeline_calls_starts_its_own_generations():
         euler_loop(pipe.transformer, 6, inputs, context=None)  # the scheduler's call is over: steps by noise level
         record = recache_stats(pipe.transformer).last["default"]
         assert (record["T"], record["computed_steps"]) == (6, [0, 2, 5])
+    finally:
+        recache.disable(pipe)
+
+
+def test_wan_with_unipc_runs_each_branch_to_its_budget_and_ends_clean():
+    pipe = tiny_wan_pipeline()
+    runs, n_blocks = block_runs(pipe.transformer), len(transformer_blocks(pipe.transformer))
+    full_budget_equals_uncached(pipe)
+    recache.enable(pipe, budget=4)
+    try:
+        runs[0] = 0
+        first = images(pipe)
+        summary = recache.summary(pipe)
+        assert summary.full_passes == {"cond": 4, "uncond": 4} and runs[0] == 2 * 4 * n_blocks
+        assert summary.last["cond"]["computed_steps"] == [0, 3, 6, 9] and held_tensors(pipe) == 0
+        images(pipe, steps=7)
+        assert torch.equal(images(pipe), first)
     finally:
         recache.disable(pipe)

@@ -89,6 +89,24 @@ def tiny_wan_transformer(seed: int = 0):
                                  rope_max_seq_len=32).eval()
 
 
+def tiny_wan_pipeline(seed: int = 0):
+    """A whole WanPipeline (UMT5, a Wan VAE, UniPC with flow sigmas as Wan ships it) on the tiny Wan transformer;
+    one frame of 32x32 (4x4 latents). The pipeline passes ``step_index`` and ``num_inference_steps`` in its cache
+    contexts and runs CFG as a "cond" and an "uncond" call."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    _, tok = _tokenizers()
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=16, d_ff=16, d_kv=8, num_layers=1, num_heads=2,
+                                       relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, scheduler=scheduler,
+                       transformer=tiny_wan_transformer(seed))
+
+
 def tiny_sd3_transformer(seed: int = 0):
     from diffusers import SD3Transformer2DModel
 
