@@ -123,11 +123,13 @@ def test_the_cli_plans_every_budget_on_one_table_and_the_schedules_run(tmp_path,
     assert main(["search", "--method", "path", "--steps", "8", "--budgets", "2,4", "--pairs", "2",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "cost table of 28 segments on 2 calibration pairs" in printed and "k = 4 of 8: computed steps [0," in printed
+    assert "cost table of 28 segments on 2 calibration pairs" in printed and "k = 4 of 8: " in printed
     assert main(["search", "--method", "path", "--steps", "8", "--budget", "3", "--pairs", "2", "--cost", "minimax",
-                 "--out", str(out), "--resume"]) == 0  # a new budget on the measured table: no rollout
+                 "--out", str(out), "--resume"]) == 0  # a new budget on the measured table
     schedule = Schedule.load(out / "schedule-k3.json")
     assert (schedule.k, schedule.metadata["objective"], schedule.metadata["mechanism"]) == (3, "minimax", "taylorseer")
+    meta = Schedule.load(out / "schedule-k4.json").metadata
+    assert "fallback" in meta or meta["guard_loss"] <= meta["uniform_loss"]  # the guard compared it
     capsys.readouterr()
     assert main(["sample", "--steps", "8", "--per-class", "1", "--schedule", str(out / "schedule-k4.json"),
                  "--out", str(tmp_path / "grid.png")]) == 0
@@ -169,3 +171,20 @@ def test_damaged_tables_are_one_line(tmp_path, identity, cost):
     cost_table._save(path, cost, torch.ones_like(cost, dtype=torch.bool), identity)
     with pytest.raises(RecacheError, match="is damaged .* it is left as it is"):
         cost_table.load_table(path)
+
+
+def test_a_plan_that_loses_to_uniform_on_the_calibration_pairs_is_replaced_and_said(pipe, tmp_path, monkeypatch):
+    T = pipe.steps
+
+    def misleading_costs(pipe, mechanism, pairs, out, **kw):
+        cost = torch.triu(torch.ones(T + 1, T + 1, dtype=torch.float64), diagonal=1)
+        cost[0, T - 2] = cost[T - 2, T - 1] = cost[T - 1, T] = 0.0  # "cache steps 1..T-3 for free": it does not add up
+        return cost
+
+    monkeypatch.setattr(cost_table, "measure_costs", misleading_costs)
+    (schedule,) = cost_table.plan_from_calibration(pipe, "reuse", 2, [3], tmp_path, progress=False).values()
+    assert schedule.metadata["fallback"] == "uniform" and schedule.metadata["planned_steps"] == [0, T - 2, T - 1]
+    assert schedule.steps == Schedule.uniform(T, 3).steps
+    assert schedule.metadata["guard_loss"] > schedule.metadata["uniform_loss"]
+    assert schedule.metadata["guard_seeds"] == [2, 17]  # the 16 calibration pairs after the table's two
+    assert Schedule.load(tmp_path / "schedule-k3.json").metadata["fallback"] == "uniform"

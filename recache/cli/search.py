@@ -145,7 +145,14 @@ def _run_path(args: argparse.Namespace) -> int:
           f"({args.mechanism}) -> {out / TABLE}; {time.perf_counter() - start:.0f} s with the plans")
     use = "recache.enable(pipe, schedule=...)" if args.pipeline else "recache sample/eval --schedule"
     for k, schedule in schedules.items():
-        print(f"k = {k} of {schedule.T}: computed steps {list(schedule.steps)}, planned cost "
-              f"{schedule.metadata['planned_cost']:.4g} ({args.cost}) -> {out / schedule_name(k)}")
+        meta = schedule.metadata
+        seeds = meta["guard_seeds"]
+        losses = f"MSE on seeds {seeds[0]}-{seeds[1]} {meta['guard_loss']:.4g}, uniform {meta['uniform_loss']:.4g}"
+        if meta.get("fallback") == "uniform":
+            print(f"k = {k} of {schedule.T}: the plan {meta['planned_steps']} lost to the uniform schedule on fresh "
+                  f"calibration pairs ({losses}); kept the uniform one -> {out / schedule_name(k)}")
+        else:
+            print(f"k = {k} of {schedule.T}: computed steps {list(schedule.steps)}, planned cost "
+                  f"{meta['planned_cost']:.4g} ({args.cost}), {losses} -> {out / schedule_name(k)}")
     print(f"use the schedules with {use}")
     return 0

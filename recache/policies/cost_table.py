@@ -32,6 +32,7 @@ from recache.sampling.interface import Sampler, sampler_identity
 from recache.schedule import Schedule, check_budget
 
 TABLE = "costs.safetensors"
+GUARD_PAIRS = 16  # fresh calibration pairs on which each plan must beat the uniform schedule
 FORMAT = "recache-cost-table/1"
 
 
@@ -120,18 +121,41 @@ def _save(path: Path, cost: torch.Tensor, measured: torch.Tensor, identity: dict
 
 def plan_from_calibration(pipe: Sampler, mechanism: str, pairs: int, budgets: list[int], out: str | Path,
                           objective: str = "sum", resume: bool = False, progress: bool = True) -> dict[int, Schedule]:
-    """Measure (or complete) the cost table in ``out``, then plan every budget on it; rank 0 writes one
-    ``schedule-k<k>.json`` per budget beside the table. Budgets are checked before any rollout."""
+    """Measure (or complete) the cost table in ``out``, plan every budget on it and guard each plan against the
+    uniform schedule on the calibration pairs (``guard_plans``); rank 0 writes one ``schedule-k<k>.json`` per budget
+    beside the table. Budgets are checked before any rollout."""
     for k in budgets:
         check_budget(k, pipe.steps)
     check_objective(objective)
     cost = measure_costs(pipe, mechanism, pairs, out, resume=resume, progress=progress)
-    schedules = plan_schedules(cost, budgets, objective, model=pipe.model_id, mechanism=mechanism,
-                               sigmas=pipe.sigma_schedule, calibration_seeds=[0, pairs - 1])
+    plans = plan_schedules(cost, budgets, objective, model=pipe.model_id, mechanism=mechanism,
+                           sigmas=pipe.sigma_schedule, calibration_seeds=[0, pairs - 1])
+    schedules = guard_plans(pipe, mechanism, pairs, plans)
     if distributed.is_main():
         for k, schedule in schedules.items():
             schedule.save(Path(out) / schedule_name(k))
     return schedules
+
+
+def guard_plans(pipe: Sampler, mechanism: str, pairs: int, plans: dict[int, Schedule]) -> dict[int, Schedule]:
+    """Each plan's true MSE on ``GUARD_PAIRS`` fresh calibration pairs, the ones after the table's (seeds
+    ``pairs .. pairs + 15``: a plan fitted to a few pairs can fail on others), beside the uniform schedule's; where the
+    plan loses to uniform there, the uniform schedule is kept instead, marked ``fallback = "uniform"`` with the
+    plan's steps. Ours, in the spirit of ReCache's calibration guard: segment costs do not always add up, and at very
+    small budgets a plan can lose (T = 30, CFG 4, k = 3 here)."""
+    classes, seeds = calibration_pairs(GUARD_PAIRS, offset=pairs, num_conditions=pipe.num_conditions)
+    mine = distributed.shard(GUARD_PAIRS)
+    objective = rollout_objective(pipe, get_mechanism(mechanism), classes[mine], seeds[mine],
+                                  pipe(classes[mine], seeds[mine]))
+    T, budgets = pipe.steps, list(plans)
+    losses = objective([plans[k].steps for k in budgets] + [Schedule.uniform(T, k).steps for k in budgets])
+    guarded = {}
+    for k, planned, uniform in zip(budgets, losses, losses[len(budgets):], strict=False):
+        checked = {"guard_loss": planned, "uniform_loss": uniform, "guard_seeds": [pairs, pairs + GUARD_PAIRS - 1]}
+        guarded[k] = (plans[k].with_metadata(**checked) if planned <= uniform else
+                      Schedule.uniform(T, k).with_metadata(**{**plans[k].metadata, **checked}, fallback="uniform",
+                                                           planned_steps=plans[k].steps))
+    return guarded
 
 
 def schedule_name(k: int) -> str:
