@@ -20,7 +20,7 @@ from recache.evaluation.evaluate import Method
 from recache.io import write_text
 from recache.policies import ReCachePolicy, shipped_policies
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
-from recache.policies.cost_table import plan_from_calibration
+from recache.policies.cost_table import GUARD_PAIRS, plan_from_calibration
 from recache.policies.heuristics import HEURISTICS
 from recache.protocol import CALIBRATION_PAIRS, heldout_pairs
 from recache.sampling.pipeline import DigitPipeline
@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     plans = plan_from_calibration(pipe, SEARCH_MECHANISM, PATH_PAIRS, args.budgets, out / "path", resume=True)
     methods += [Method("path", SEARCH_MECHANISM, k, schedule) for k, schedule in plans.items()]
-    costs["path plan"] = (f"{time.perf_counter() - began:.0f} s, {pipe.steps * (pipe.steps - 1) // 2 * PATH_PAIRS:,} "
-                          f"rollouts (one cost table for every budget)")
+    rollouts = pipe.steps * (pipe.steps - 1) // 2 * PATH_PAIRS + 2 * GUARD_PAIRS * len(args.budgets)
+    costs["path plan"] = (f"{time.perf_counter() - began:.0f} s, {rollouts:,} rollouts (one cost table for every "
+                          "budget, and the guard)")
     print(f"calibrating {', '.join(HEURISTICS)} to k = {', '.join(map(str, args.budgets))} ...")
     began = time.perf_counter()
     found, notes = heuristic_methods(list(HEURISTICS), args.budgets, pipe, args.mechanisms, out / "calibrations")
