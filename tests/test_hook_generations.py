@@ -201,3 +201,15 @@ def test_wan_with_unipc_runs_each_branch_to_its_budget_and_ends_clean():
         assert torch.equal(images(pipe), first)
     finally:
         recache.disable(pipe)
+
+
+def test_apply_recache_with_the_pipeline_clock_plans_each_call_as_enable_does(sd3_pipe):
+    from recache.hooks import RecacheHookConfig, apply_recache, pipeline_clock, remove_recache
+
+    stats = apply_recache(sd3_pipe.transformer, RecacheHookConfig(budget="2x", clock=pipeline_clock(sd3_pipe)))
+    try:
+        for steps in (8, 12):
+            images(sd3_pipe, steps=steps)
+            assert (stats.last["default"]["T"], len(stats.last["default"]["computed_steps"])) == (steps, steps // 2)
+    finally:
+        remove_recache(sd3_pipe.transformer)
