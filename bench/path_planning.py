@@ -29,13 +29,19 @@ from recache.metrics.paired import paired_difference  # noqa: E402
 from recache.models.pretrained import load_classifier  # noqa: E402
 from recache.policies import ReCachePolicy, shipped_policies  # noqa: E402
 from recache.policies.budcache import SearchConfig, rollout_objective, search_schedule  # noqa: E402
-from recache.policies.cost_table import TABLE, load_table, plan_from_calibration  # noqa: E402
+from recache.policies.cost_table import (  # noqa: E402
+    TABLE,
+    TABLE_PAIRS,
+    load_table,
+    plan_from_calibration,
+    segment_count,
+)
 from recache.policies.path_planning import path_cost, plan_schedules  # noqa: E402
 from recache.protocol import calibration_pairs, heldout_pairs  # noqa: E402
 from recache.sampling.pipeline import DigitPipeline  # noqa: E402
 from recache.schedule import Schedule  # noqa: E402
 
-PAIRS, ALL_BUDGETS = 4, list(range(4, 26))
+PAIRS, ALL_BUDGETS = TABLE_PAIRS, list(range(4, 26))
 
 
 def timed(fn):
@@ -153,7 +159,7 @@ def cost_lines(args, timings: dict, fits: list[dict], T: int) -> list[str]:
              "all / within k |", "|---|---|---|---|---|"]
     for fit in fits:
         m = fit["mechanism"]
-        lines.append(f"| {m} | {timings[f'table {m}']:.0f} s | {T * (T - 1) // 2 * PAIRS:,} "
+        lines.append(f"| {m} | {timings[f'table {m}']:.0f} s | {segment_count(T) * PAIRS:,} "
                      f"({PAIRS} pairs) | {1000 * timings[f'new budget {m}']:.1f} ms | "
                      f"{fit['spearman']:.3f} / {fit['spearman_within_k']:.3f} |")
     searches = [(k, v) for k, v in timings.items() if "search " in k and not k.startswith("evaluations")]

@@ -20,7 +20,7 @@ from recache.evaluation.evaluate import Method
 from recache.io import write_text
 from recache.policies import ReCachePolicy, shipped_policies
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
-from recache.policies.cost_table import GUARD_PAIRS, plan_from_calibration
+from recache.policies.cost_table import GUARD_PAIRS, TABLE_PAIRS, plan_from_calibration, segment_count
 from recache.policies.heuristics import HEURISTICS
 from recache.protocol import CALIBRATION_PAIRS, heldout_pairs
 from recache.sampling.pipeline import DigitPipeline
@@ -29,7 +29,6 @@ from recache.viz import save_image_grid
 
 DEMO_MECHANISMS = "step-skip,reuse,taylorseer,hicache"
 SEARCH_MECHANISM = "taylorseer"
-PATH_PAIRS = 4  # calibration pairs of the demo's cost table (recache search --method path's default)
 
 
 def add_parser(sub) -> None:
@@ -59,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     methods += searched
     print(f"path planning for k = {', '.join(map(str, args.budgets))}, {SEARCH_MECHANISM} ...")
     began = time.perf_counter()
-    plans = plan_from_calibration(pipe, SEARCH_MECHANISM, PATH_PAIRS, args.budgets, out / "path", resume=True)
+    plans = plan_from_calibration(pipe, SEARCH_MECHANISM, TABLE_PAIRS, args.budgets, out / "path", resume=True)
     methods += [Method("path", SEARCH_MECHANISM, k, schedule) for k, schedule in plans.items()]
-    rollouts = pipe.steps * (pipe.steps - 1) // 2 * PATH_PAIRS + 2 * GUARD_PAIRS * len(args.budgets)
+    rollouts = segment_count(pipe.steps) * TABLE_PAIRS + 2 * GUARD_PAIRS * len(args.budgets)
     costs["path plan"] = (f"{time.perf_counter() - began:.0f} s, {rollouts:,} rollouts (one cost table for every "
                           "budget, and the guard)")
     print(f"calibrating {', '.join(HEURISTICS)} to k = {', '.join(map(str, args.budgets))} ...")
@@ -127,7 +126,7 @@ def _write_report(pipe, result: dict, out: Path, notes: list[str], costs: dict[s
              f"the uncached sample from the same noise and class. Uncached sampling of the {len(reference)} pairs: "
              f"{result['reference_seconds']:.2f} s. ReCache: the shipped policies; BudCache: searched here on "
              f"{SearchConfig(k=1).pairs} calibration pairs with {SEARCH_MECHANISM}; path plan: planned here on a cost "
-             f"table of {PATH_PAIRS} calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds calibrated "
+             f"table of {TABLE_PAIRS} calibration pairs with {SEARCH_MECHANISM}; heuristics: thresholds calibrated "
              f"here to each budget on {CALIBRATION_PAIRS} calibration pairs; TeaCache, FirstBlockCache and DiCache "
              f"fill skipped steps their own way, MagCache and the fixed interval give a fixed schedule, run with each "
              f"mechanism. Demo time: {time.perf_counter() - start:.0f} s.\n\n![uncached samples](samples.png)")

@@ -27,13 +27,12 @@ from recache.errors import RecacheError
 from recache.evaluation.plots import plot_search_history
 from recache.mechanisms import MECHANISMS
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
-from recache.policies.cost_table import TABLE, plan_from_calibration, schedule_name
+from recache.policies.cost_table import TABLE, TABLE_PAIRS, plan_from_calibration, schedule_name, segment_count
 from recache.policies.path_planning import OBJECTIVES
-from recache.schedule import Schedule, check_budget, resolve_budget
+from recache.schedule import Schedule, resolve_budget
 
 METHODS = ("anneal", "path")
 ANNEAL_OPTIONS = ("sa_iters", "hc_iters", "restarts", "t_max", "t_min", "start")
-PATH_PAIRS = 4  # calibration pairs of a cost table: 1,225 rollouts each at T = 50
 
 
 def add_parser(sub) -> None:
@@ -54,7 +53,7 @@ def add_parser(sub) -> None:
                    help=f"caching mechanism (default: {d.mechanism})")
     p.add_argument("--pairs", type=positive_int, default=None,
                    help=f"calibration (class, seed) pairs, seeds 0..pairs-1, split across ranks with --nproc "
-                        f"(default: {d.pairs} for anneal, {PATH_PAIRS} for path)")
+                        f"(default: {d.pairs} for anneal, {TABLE_PAIRS} for path)")
     p.add_argument("--sa-iters", type=nonnegative_int, default=None,
                    help=f"annealing iterations (default: {d.sa_iters})")
     p.add_argument("--hc-iters", type=nonnegative_int, default=None,
@@ -129,19 +128,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_path(args: argparse.Namespace) -> int:
-    pairs = args.pairs or PATH_PAIRS
+    pairs = args.pairs or TABLE_PAIRS
     out = Path(args.out or f"runs/search/path-{args.mechanism}")
     distributed.on_main(lambda: check_writable(out))
     pipe = load_sampler(args)
     budgets = args.budgets or [resolve_budget(args.budget, pipe.steps)]
-    for k in budgets:
-        check_budget(k, pipe.steps)  # before the table is measured
     start = time.perf_counter()
     schedules = plan_from_calibration(pipe, args.mechanism, pairs, budgets, out, objective=args.cost,
                                       resume=args.resume)
     if not distributed.is_main():
         return 0
-    print(f"cost table of {pipe.steps * (pipe.steps - 1) // 2} segments on {pairs} calibration pairs "
+    print(f"cost table of {segment_count(pipe.steps)} segments on {pairs} calibration pairs "
           f"({args.mechanism}) -> {out / TABLE}; {time.perf_counter() - start:.0f} s with the plans")
     use = "recache.enable(pipe, schedule=...)" if args.pipeline else "recache sample/eval --schedule"
     for k, schedule in schedules.items():

@@ -34,6 +34,8 @@ from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_for
 
 _CALL_HOOK, _BLOCK_HOOK = "recache_call", "recache_block"
 _DEFAULT_CONTEXT = "default"  # the state of calls made outside any cache_context
+_GIVE_STEPS = ("give the loop's step count (num_inference_steps, recache.refresh, or "
+               "cache_context(name, step_index=i, num_inference_steps=T))")
 
 
 @dataclass
@@ -262,8 +264,7 @@ class _CallHook(ModelHook):
             st.calls_in_step = 1
         if position.step >= st.schedule.T:
             raise RecacheError(f"this generation runs more than the T={st.schedule.T} steps it was planned for; "
-                               "give the loop's step count (num_inference_steps, recache.refresh, or "
-                               "cache_context(name, step_index=i, num_inference_steps=T))")
+                               + _GIVE_STEPS)
         st.position, st.level = position, level
         index = st.calls_in_step - 1
         if index not in st.streams:
@@ -306,8 +307,7 @@ class _CallHook(ModelHook):
         if not st.position.from_pipeline:
             warnings.warn(f"a generation on this transformer ran {steps_run(record)} of the T={record['T']} steps "
                           f"its plan was made for (computed {len(record['computed_steps'])} of k={record['k']}); "
-                          "give the loop's step count (num_inference_steps, recache.refresh, or "
-                          "cache_context(name, step_index=i, num_inference_steps=T))", RecacheWarning, stacklevel=4)
+                          + _GIVE_STEPS, RecacheWarning, stacklevel=4)
 
     @torch.compiler.disable
     def _end(self, st: _ContextState) -> None:

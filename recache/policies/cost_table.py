@@ -32,8 +32,14 @@ from recache.sampling.interface import Sampler, sampler_identity
 from recache.schedule import Schedule, check_budget
 
 TABLE = "costs.safetensors"
+TABLE_PAIRS = 4  # calibration pairs of a cost table by default: 1,225 rollouts each at T = 50
 GUARD_PAIRS = 16  # fresh calibration pairs on which each plan must beat the uniform schedule
 FORMAT = "recache-cost-table/1"
+
+
+def segment_count(T: int) -> int:
+    """The edges that cache something, ``(i, j)`` with ``j >= i + 2``: one rollout each per pair."""
+    return T * (T - 1) // 2
 
 
 def segment_steps(T: int, i: int, j: int) -> tuple[int, ...]:
