@@ -22,7 +22,7 @@ import torch
 from recache.evaluation.evaluate import Method, measure_speedup
 from recache.io import write_json
 from recache.mechanisms import MECHANISMS
-from recache.policies import ReCachePolicy
+from recache.policies import load_policy
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
 
@@ -53,9 +53,9 @@ def rollout_timings(pipe: DigitPipeline, k: int, size: int, runs: int):
     T, rng = pipe.steps, random.Random(0)
     group = [random_schedule(T, k, rng) for _ in range(size)]
     one_class, one_seed = torch.tensor([3]), [900_000]
-    policy = ReCachePolicy.from_pretrained("mnist-dit-taylorseer", T=T)
+    policy = load_policy("mnist-dit-taylorseer")
     with torch.no_grad():
-        masks = policy.sample(torch.full((size,), k), torch.Generator().manual_seed(0))[0]
+        masks = policy.sample(torch.full((size,), k), pipe.sigmas, torch.Generator().manual_seed(0))
     groups = {"random": group, "policy": [Schedule(tuple(m.tolist())) for m in masks],
               "full": [Schedule.full(T)] * size}
     gains = {name: [] for name in groups}

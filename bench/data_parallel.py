@@ -39,7 +39,7 @@ CONFIGS = [("1 process, all threads", 1, None), ("1 process, 1 thread", 1, "1"),
 def run(nproc: int, threads: str | None, args, folder: Path) -> dict:
     env = ({k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
            | ({"OMP_NUM_THREADS": threads} if threads else {}))
-    argv = [sys.executable, "-m", "recache", "train", "--updates", str(args.updates),
+    argv = [sys.executable, "-m", "recache", "train", "--trainer", "reinforce", "--updates", str(args.updates),
             "--pairs", str(args.pairs // nproc), "--group", str(args.group), "--k-min", "4", "--k-max", "25",
             "--pool", str(args.pool), "--out", str(folder), "--nproc", str(nproc)]
     start = time.perf_counter()

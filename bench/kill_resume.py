@@ -29,8 +29,9 @@ from safetensors.torch import load_file
 from recache.io import read_jsonl, write_jsonl, write_text
 from recache.policies.training import CHECKPOINT, LOG
 
-TRAIN = [sys.executable, "-m", "recache", "train", "--steps", "20", "--mechanism", "taylorseer", "--updates", "30",
-         "--pairs", "2", "--group", "4", "--pool", "8", "--k-min", "4", "--k-max", "10", "--seed", "11"]
+TRAIN = [sys.executable, "-m", "recache", "train", "--trainer", "reinforce", "--steps", "20",
+         "--mechanism", "taylorseer", "--updates", "30", "--pairs", "2", "--group", "4", "--pool", "8",
+         "--k-min", "4", "--k-max", "10", "--seed", "11"]
 SEARCH = [sys.executable, "-m", "recache", "search", "--steps", "20", "--budget", "6", "--pairs", "4",
           "--sa-iters", "60", "--hc-iters", "3", "--seed", "5"]
 

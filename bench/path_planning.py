@@ -27,7 +27,7 @@ from recache.mechanisms import get_mechanism  # noqa: E402
 from recache.metrics import classifier_scores, relative_l2  # noqa: E402
 from recache.metrics.paired import paired_difference  # noqa: E402
 from recache.models.pretrained import load_classifier  # noqa: E402
-from recache.policies import ReCachePolicy, shipped_policies  # noqa: E402
+from recache.policies import load_policy, shipped_policies  # noqa: E402
 from recache.policies.budcache import SearchConfig, rollout_objective, search_schedule  # noqa: E402
 from recache.policies.cost_table import (  # noqa: E402
     TABLE,
@@ -109,12 +109,11 @@ def evaluate(pipe, args, plans: dict, out: Path, timings: dict) -> list[dict]:
             "features": classifier.features(ref)}
     rows = []
     for mechanism in args.mechanisms:
-        policy = (ReCachePolicy.from_pretrained(f"mnist-dit-{mechanism}", T=pipe.steps)
-                  if f"mnist-dit-{mechanism}" in shipped_policies() else None)
+        policy = load_policy(f"mnist-dit-{mechanism}") if f"mnist-dit-{mechanism}" in shipped_policies() else None
         for k in args.budgets:
             methods = {"uniform": Schedule.uniform(pipe.steps, k), "path": plans[mechanism][k]}
             if policy is not None:
-                methods["recache"] = policy.schedule(k)
+                methods["recache"] = policy.schedule(k, sigmas=pipe.sigmas)
             if mechanism in args.search_mechanisms:
                 methods["budcache"] = searched(pipe, mechanism, k, out, timings)
                 methods["path+budcache"] = searched(pipe, mechanism, k, out, timings, start=plans[mechanism][k])

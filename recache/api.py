@@ -20,24 +20,26 @@ from recache.hooks.schedule_cache import (
 )
 from recache.hooks.transformers import model_fingerprint, transformer_blocks, transformer_of
 from recache.mechanisms import DEFAULT_MECHANISM
+from recache.policies.noise_level import NoiseLevelPolicy, load_policy
 from recache.policies.recache import ReCachePolicy
 from recache.schedule import Budget, Schedule
 
 
-def enable(pipe, budget: Budget | None = None, *, policy: str | os.PathLike | ReCachePolicy | None = None,
+def enable(pipe, budget: Budget | None = None, *,
+           policy: str | os.PathLike | ReCachePolicy | NoiseLevelPolicy | None = None,
            mechanism: str | None = None, schedule: str | os.PathLike | Schedule | None = None,
            num_inference_steps: int | None = None):
     """Cache ``pipe``'s transformer to ``budget`` full passes per generation (and per CFG branch).
 
     ``budget``: an int ``k``, a fraction of the steps in (0, 1] or a speed-up like ``"4x"``, resolved against each
-    call's ``num_inference_steps``. ``policy``: a learned policy (folder or ``ReCachePolicy``) that places the ``k``
+    call's ``num_inference_steps``. ``policy``: a learned policy (a folder, v1 or v2) that places the ``k``
     passes; without it the passes are spread uniformly, or follow the fixed ``schedule`` (a file or ``Schedule``).
     ``mechanism`` defaults to the policy's (else ``taylorseer``). Every argument is checked before anything is
     registered, so a refused call leaves ``pipe`` unmodified. Returns ``pipe``."""
     transformer = transformer_of(pipe)
     transformer_blocks(transformer)
     if isinstance(policy, (str, os.PathLike)):
-        policy = ReCachePolicy.from_pretrained(policy)
+        policy = load_policy(policy)
     if isinstance(schedule, (str, os.PathLike)):
         schedule = Schedule.load(schedule)
     if schedule is not None and schedule.metadata.get("model") not in (None, model_fingerprint(transformer)):
@@ -100,6 +102,10 @@ def _describe(r: dict) -> str:
     calls, passes = ran + r["extra_calls"], done + r["extra_passes"]
     text = (f"{done} computed / {r['cached_steps']} cached of T={r['T']} (budget k={r['k']}, {r['source']} "
             f"schedule), computed steps {r['computed_steps']}")
+    if r.get("fallback"):
+        text += f"; the policy's guard kept the {r['fallback']} schedule for this budget, T and grid"
+    elif r.get("guard") == "not checked":
+        text += "; this T and grid lie between the policy's trained ones (its guard did not check them)"
     if r["extra_calls"]:
         text += (f"; {r['extra_calls']} further call(s) inside steps (e.g. skip-layer guidance), "
                  f"{r['extra_passes']} of them ran the blocks")

@@ -20,3 +20,23 @@ def tiny_dit() -> DiT:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+@pytest.fixture
+def interrupt_at_checkpoint(monkeypatch):
+    """``interrupt(module, n)``: the module's ``save_checkpoint`` saves as before, then raises KeyboardInterrupt on
+    its ``n``-th call (a run stopped right after a checkpoint); ``module.save_checkpoint`` is restored afterwards."""
+
+    def interrupt(module, n: int = 2):
+        real, calls = module.save_checkpoint, []
+
+        def save_then_die(*args, **kwargs):
+            real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == n:
+                monkeypatch.setattr(module, "save_checkpoint", real)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+
+    return interrupt

@@ -307,6 +307,7 @@ def test_missing_policy(capsys, tmp_path):
     (["train", "--lr", "0"], r"--lr: 0 is not a number > 0"),
     (["train", "--fidelity", "lpip"], r"--fidelity: invalid choice: 'lpip'"),
     (["train", "--updates", "0"], r"--updates: 0 is not a whole number >= 1"),
+    (["train", "--train-steps", "20,x"], r"--train-steps: '20,x' is not a comma-separated list of whole numbers"),
 ])
 def test_bad_training_arguments(capsys, argv, pattern):
     _fails(capsys, argv, pattern)
@@ -314,8 +315,14 @@ def test_bad_training_arguments(capsys, argv, pattern):
 
 def test_train_refuses_bad_settings_before_writing(capsys, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--group", "1", "--out", str(out)]) == 2
+    assert main(["train", "--trainer", "reinforce", "--group", "1", "--out", str(out)]) == 2
     _check_one_line(capsys, r"group must be >= 2")
-    assert main(["train", "--k-max", "60", "--out", str(out)]) == 2
+    assert main(["train", "--trainer", "reinforce", "--k-max", "60", "--out", str(out)]) == 2
     _check_one_line(capsys, r"budget k=60 is not allowed")
+    assert main(["train", "--k-max", "20", "--out", str(out)]) == 2  # the default trainer (expert) has no --k-max
+    _check_one_line(capsys, r"--k-max needs --trainer reinforce")
+    assert main(["train", "--trainer", "reinforce", "--rounds", "3", "--out", str(out)]) == 2
+    _check_one_line(capsys, r"--rounds needs --trainer expert")
+    assert main(["train", "--train-shifts", "0,3", "--out", str(out)]) == 2
+    _check_one_line(capsys, r"trained grid shifts must be in \(0, 100\], got \[0.0, 3.0\]")
     assert not out.exists()

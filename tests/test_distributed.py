@@ -24,7 +24,8 @@ from recache.io import read_jsonl
 from recache.policies.recache import ReCacheConfig, ReCachePolicy
 from recache.policies.training import CHECKPOINT
 
-TRAIN = ["train", "--steps", "8", "--k-min", "2", "--k-max", "5", "--group", "3", "--pool", "4", "--seed", "7"]
+TRAIN = ["train", "--trainer", "reinforce", "--steps", "8", "--k-min", "2", "--k-max", "5", "--group", "3",
+         "--pool", "4", "--seed", "7"]
 EVAL = ["eval", "--steps", "8", "--budgets", "3", "--mechanisms", "reuse,taylorseer", "--per-class", "1",
         "--timing-runs", "0", "--heuristics", "teacache,magcache", "--calibration-pairs", "4"]
 SEARCH = ["search", "--steps", "10", "--budget", "4", "--pairs", "4", "--sa-iters", "20", "--hc-iters", "2"]

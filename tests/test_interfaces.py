@@ -4,6 +4,7 @@ capabilities, the one step dispatch and the one JSONL reader."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from tiny_diffusers import euler_loop, tiny_flux_transformer, transformer_inputs
@@ -12,7 +13,7 @@ from recache.hooks import RecacheHookConfig, apply_recache, model_fingerprint
 from recache.hooks.transformers import transformer_blocks
 from recache.io import read_jsonl, write_jsonl
 from recache.mechanisms import HOOK_MECHANISMS, MECHANISMS, Uncached, get_mechanism
-from recache.policies import ReCachePolicy
+from recache.policies import load_policy
 from recache.sampling.cached import sample_cached
 from recache.sampling.diffusers_rollouts import DiffusersRollouts
 from recache.sampling.interface import OnlineSampler, Sampler
@@ -51,7 +52,8 @@ def test_the_hooks_take_any_schedule_planner():
     transformer = tiny_flux_transformer()
     planner = EveryOther(model_fingerprint(transformer))
     assert isinstance(planner, SchedulePlanner)
-    assert isinstance(ReCachePolicy.from_pretrained("mnist-dit-taylorseer"), SchedulePlanner)
+    assert isinstance(load_policy("mnist-dit-taylorseer"), SchedulePlanner)
+    assert isinstance(load_policy(Path(__file__).parent / "fixtures" / "policy-v1-taylorseer"), SchedulePlanner)
     inputs, T = transformer_inputs(transformer), 10
     stats = apply_recache(transformer, RecacheHookConfig(budget=4, mechanism="reuse", policy=planner,
                                                          num_inference_steps=T))

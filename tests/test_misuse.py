@@ -25,8 +25,8 @@ SAMPLE = [sys.executable, "-m", "recache", "sample", "--steps", "4", "--per-clas
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     with folder_lock(out):
-        assert main(["train", "--steps", "8", "--k-min", "2", "--k-max", "4", "--updates", "1", "--pool", "4",
-                     "--out", str(out)]) == 2
+        assert main(["train", "--trainer", "reinforce", "--steps", "8", "--k-min", "2", "--k-max", "4",
+                     "--updates", "1", "--pool", "4", "--out", str(out)]) == 2
         assert "another recache run is writing to" in capsys.readouterr().err
         assert main(["search", "--steps", "8", "--budget", "3", "--sa-iters", "2", "--hc-iters", "0", "--pairs", "2",
                      "--out", str(out)]) == 2

@@ -151,17 +151,19 @@ def test_cli_path_plan_on_a_saved_pipeline(saved_pipeline, tmp_path, capsys):
     (["--model", "other"], "--pipeline replaces --model"),
 ])
 def test_cli_train_bad_input_on_a_pipeline(saved_pipeline, tmp_path, capsys, extra, message):
-    code = main(["train", "--pipeline", str(saved_pipeline / "tinyflux"),
+    code = main(["train", "--trainer", "reinforce", "--pipeline", str(saved_pipeline / "tinyflux"),
                  "--prompts", str(saved_pipeline / "prompts.txt"), "--out", str(tmp_path / "t"), *extra])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
 
 def test_cli_pipeline_needs_prompts_and_a_loadable_pipeline(saved_pipeline, tmp_path, capsys):
-    assert main(["train", "--pipeline", str(saved_pipeline / "tinyflux"), "--out", str(tmp_path / "t")]) == 2
+    assert main(["train", "--trainer", "reinforce", "--pipeline", str(saved_pipeline / "tinyflux"),
+                 "--out", str(tmp_path / "t")]) == 2
     assert "needs a prompts file" in capsys.readouterr().err
     assert main(["search", "--budget", "3", "--pipeline", str(tmp_path / "missing"),
                  "--prompts", str(saved_pipeline / "prompts.txt")]) == 2
     assert "cannot be loaded" in capsys.readouterr().err
-    assert main(["train", "--prompts", str(saved_pipeline / "prompts.txt"), "--out", str(tmp_path / "t")]) == 2
+    assert main(["train", "--trainer", "reinforce", "--prompts", str(saved_pipeline / "prompts.txt"),
+                 "--out", str(tmp_path / "t")]) == 2
     assert "need --pipeline" in capsys.readouterr().err

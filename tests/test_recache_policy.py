@@ -140,14 +140,18 @@ def test_corrupt_or_missing_artefacts_fail_clearly(tmp_path):
 
 def test_shipped_policies_load_for_the_embedded_model():
     from recache.mechanisms import MECHANISMS
-    from recache.policies import shipped_policies
+    from recache.policies import NoiseLevelPolicy, load_policy, shipped_policies
+    from recache.sampling.sigmas import get_sigmas
 
     assert shipped_policies() == sorted([*(f"mnist-dit-{m}" for m in MECHANISMS), "mnist-flux-taylorseer"])
-    for m in MECHANISMS:
-        policy = ReCachePolicy.from_pretrained(f"mnist-dit-{m}", T=50, model="mnist-dit", mechanism=m)
-        assert (policy.config.k_min, policy.config.k_max, policy.config.sigmas) == (4, 25, "linear")
-        assert policy.config.training["seeds_hash"] and max(policy.config.training.get("pool", 0), 1) < 900_000
-        assert [policy.schedule(k).k for k in (4, 10, 25)] == [4, 10, 25]
+    for m in MECHANISMS:  # v2: one policy for T = 20, 30, 50 on the linear and shift-3 grids
+        policy = load_policy(f"mnist-dit-{m}", model="mnist-dit", mechanism=m)
+        assert isinstance(policy, NoiseLevelPolicy)
+        assert policy.config.settings == [{"T": T, "shift": s} for T in (20, 30, 50) for s in (1.0, 3.0)]
+        assert policy.config.training["pairs"] < 900_000 and policy.config.training["rollouts"] > 0
+        for T, grid in ((50, "linear"), (30, "shifted"), (20, "shifted:3")):
+            assert [policy.schedule(k, sigmas=get_sigmas(grid, T)).k for k in policy.config.budgets(T)] == list(
+                policy.config.budgets(T))
 
 
 def test_shipped_flux_policy_is_for_the_shipped_flux_model():

@@ -72,20 +72,11 @@ def test_calibration_guard_keeps_uniform_where_the_policy_loses(pipe, tmp_path):
     assert policy.schedule(3, guarded=False).steps == [0, 6, 7]
 
 
-def test_a_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_does(pipe, tmp_path, monkeypatch):
+def test_a_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_does(pipe, tmp_path, interrupt_at_checkpoint):
     train_recache(SHORT, tmp_path / "whole", pipe, progress=False)
-    real_save, calls = training.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    interrupt_at_checkpoint(training, 2)
     with pytest.raises(KeyboardInterrupt):
         train_recache(SHORT, tmp_path / "cut", pipe, progress=False)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert len(read_jsonl(tmp_path / "cut" / "train_log.jsonl")) == 2
     with pytest.raises(RecacheError, match="already holds a training run"):
         train_recache(SHORT, tmp_path / "cut", pipe, progress=False)

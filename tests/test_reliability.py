@@ -234,8 +234,8 @@ def test_damaged_policy_weights_load_whole_or_fail_clearly(policy_folder, tmp_pa
 
 # --- interrupted runs ---------------------------------------------------------------------------------------------
 
-TRAIN_ARGV = [sys.executable, "-m", "recache", "train", "--steps", "8", "--k-min", "2", "--k-max", "5",
-              "--updates", "40", "--pairs", "2", "--group", "3", "--pool", "4", "--seed", "3"]
+TRAIN_ARGV = [sys.executable, "-m", "recache", "train", "--trainer", "reinforce", "--steps", "8", "--k-min", "2",
+              "--k-max", "5", "--updates", "40", "--pairs", "2", "--group", "3", "--pool", "4", "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 

@@ -24,6 +24,7 @@ from recache.policies.reinforce import TrainConfig
 from recache.schedule import Schedule
 
 DOC = Path(__file__).parent.parent / "docs" / "reliability.md"
+V1_POLICY = Path(__file__).parent / "fixtures" / "policy-v1-taylorseer"  # a v1 policy as shipped before v2
 ROW = re.compile(r"^\| (?P<input>[^|]+) \| (?P<bad>[^|]+) \| `(?P<command>recache [^`]+)` \| `(?P<message>[^`]+)` \|$")
 
 
@@ -34,7 +35,7 @@ def table_rows() -> list[tuple[str, str]]:
 
 
 def _policy_copy(folder: Path, edit_config=None, edit_tensors=None) -> None:
-    shutil.copytree(PRETRAINED_DIR / "mnist-dit-taylorseer", folder)
+    shutil.copytree(V1_POLICY, folder)
     if edit_config:
         config = json.loads((folder / "config.json").read_text())
         edit_config(config)
@@ -46,6 +47,23 @@ def _policy_copy(folder: Path, edit_config=None, edit_tensors=None) -> None:
 def _nan_first(tensors: dict) -> dict:
     name = sorted(tensors)[0]
     return {**tensors, name: torch.full_like(tensors[name], float("nan"))}
+
+
+def make_bad_policies(root: Path) -> None:
+    """The damaged policy folders of the table: copies of a v1 policy (and one of a shipped v2 one), each broken."""
+    _policy_copy(root / "nan-policy", edit_tensors=_nan_first)
+    _policy_copy(root / "int-policy", edit_tensors=lambda t: {k: v.to(torch.int32) for k, v in t.items()})
+    _policy_copy(root / "cut-policy")
+    data = (root / "cut-policy" / "model.safetensors").read_bytes()
+    (root / "cut-policy" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _policy_copy(root / "wide-policy", edit_config=lambda c: c.update(hidden=10 ** 9))
+    _policy_copy(root / "extra-key-policy", edit_config=lambda c: c.update(surprise=1))
+    _policy_copy(root / "pickle-policy")
+    _policy_copy(root / "v1-policy")
+    shutil.copytree(PRETRAINED_DIR / "mnist-dit-taylorseer", root / "v2-damaged-policy")
+    v2 = json.loads((root / "v2-damaged-policy" / "config.json").read_text())
+    (root / "v2-damaged-policy" / "config.json").write_text(json.dumps({**v2, "settings": [{"T": 1, "shift": 1.0}]}))
+    (root / "pickle-policy" / "model.safetensors").write_bytes(pickle.dumps({"mlp.0.weight": [1.0, 2.0]}))
 
 
 def make_bad_files(root: Path) -> None:
@@ -62,15 +80,7 @@ def make_bad_files(root: Path) -> None:
     (root / "broken-model" / "config.json").write_text("{not json")
     shutil.copytree(WEIGHTS_DIR / "mnist-dit", root / "nan-model")
     save_file(_nan_first(load_file(root / "nan-model" / "model.safetensors")), root / "nan-model" / "model.safetensors")
-    _policy_copy(root / "nan-policy", edit_tensors=_nan_first)
-    _policy_copy(root / "int-policy", edit_tensors=lambda t: {k: v.to(torch.int32) for k, v in t.items()})
-    _policy_copy(root / "cut-policy")
-    data = (root / "cut-policy" / "model.safetensors").read_bytes()
-    (root / "cut-policy" / "model.safetensors").write_bytes(data[: len(data) // 2])
-    _policy_copy(root / "wide-policy", edit_config=lambda c: c.update(hidden=10 ** 9))
-    _policy_copy(root / "extra-key-policy", edit_config=lambda c: c.update(surprise=1))
-    _policy_copy(root / "pickle-policy")
-    (root / "pickle-policy" / "model.safetensors").write_bytes(pickle.dumps({"mlp.0.weight": [1.0, 2.0]}))
+    make_bad_policies(root)
     policy = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=4))
     save_checkpoint(root / "old-run" / "checkpoint.safetensors", {"policy": policy},
                     torch.optim.Adam(policy.parameters()), {"train": torch.Generator()}, 1,

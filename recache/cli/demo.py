@@ -18,7 +18,7 @@ from recache.errors import RecacheError
 from recache.evaluation.compare import headline, heuristic_methods, markdown_report, run_comparison
 from recache.evaluation.evaluate import Method
 from recache.io import write_text
-from recache.policies import ReCachePolicy, shipped_policies
+from recache.policies import load_policy, shipped_policies
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule
 from recache.policies.cost_table import GUARD_PAIRS, TABLE_PAIRS, plan_from_calibration, segment_count
 from recache.policies.heuristics import HEURISTICS
@@ -90,11 +90,10 @@ def _shipped_policy_methods(pipe, args) -> tuple[list[Method], str]:
     for m in args.mechanisms:
         name = f"{pipe.model_id}-{m}"
         if name in shipped_policies():
-            policy = ReCachePolicy.from_pretrained(name, T=pipe.steps)
-            methods += [Method("recache", m, k, policy.schedule(k))
-                        for k in args.budgets if policy.config.k_min <= k <= policy.config.k_max]
-            t = policy.config.training
-            rollouts += [t["updates"] * t["pairs"] * t["group"]] if {"updates", "pairs", "group"} <= set(t) else []
+            policy = load_policy(name)
+            methods += [Method("recache", m, k, policy.schedule(k, sigmas=pipe.sigmas))
+                        for k in args.budgets if policy.covers(k, pipe.sigmas)]
+            rollouts += [policy.training_rollouts] if policy.training_rollouts else []
     if not methods:
         raise RecacheError(f"no shipped ReCache policy covers budgets {args.budgets} "
                            f"with mechanisms {', '.join(args.mechanisms)}")

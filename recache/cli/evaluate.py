@@ -19,6 +19,7 @@ from recache.cli.options import (
     load_schedule,
     mechanism_list,
     nonnegative_int,
+    policy_schedule,
     positive_int,
 )
 from recache.errors import RecacheError
@@ -68,6 +69,17 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def guard_notes(name: str, schedules: list[Schedule]) -> list[str]:
+    """What a policy's calibration guard did for these schedules: where it kept the uniform schedule, and (v2) where
+    the setting was not one it was trained and checked on."""
+    kept = [s.k for s in schedules if s.metadata.get("fallback") == "uniform"]
+    unchecked = [s.k for s in schedules if s.metadata.get("guard") == "not checked"]
+    notes = [f"policy {name}: uniform schedule kept at k = {kept} (its calibration guard: the learned one did not "
+             "beat uniform there)"] if kept else []
+    return notes + ([f"policy {name}: k = {unchecked} on this T and grid were not checked by its guard (a setting "
+                     "between the trained ones)"] if unchecked else [])
+
+
 def run(args: argparse.Namespace) -> int:
     pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     for k in args.budgets:
@@ -83,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
         methods += [Method(f"file:{Path(f).stem}", m, schedule.k, schedule) for m in args.mechanisms]
     policies = [(name, load_policy(name, pipe, allow_extrapolate=args.allow_extrapolate)) for name in args.policy]
     shared = len({p.config.mechanism for _, p in policies}) < len(policies)  # then the labels name the policies
+    notes = []
     for name, policy in policies:
         label = "recache" + ("-nested" if args.nested else "") + (f":{Path(name).name}" if shared else "")
-        methods += [Method(label, policy.config.mechanism, k,
-                           policy.schedule(k, nested=args.nested, allow_extrapolate=args.allow_extrapolate))
-                    for k in args.budgets]
-    notes = []
+        schedules = [policy_schedule(policy, k, pipe, args.nested, args.allow_extrapolate) for k in args.budgets]
+        methods += [Method(label, policy.config.mechanism, s.k, s) for s in schedules]
+        notes += guard_notes(name, schedules)
     if args.heuristics:
         found, notes = heuristic_methods(args.heuristics, args.budgets, pipe, args.mechanisms, out / "calibrations",
                                          args.calibration_pairs)

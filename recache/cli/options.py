@@ -10,7 +10,7 @@ from pathlib import Path
 from recache.errors import RecacheError
 from recache.io import output_target
 from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, MECHANISMS
-from recache.policies import ReCachePolicy
+from recache.policies import load_policy as load_any_policy
 from recache.policies.heuristics import HEURISTICS
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule, check_budget_form, resolve_budget
@@ -103,6 +103,13 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def budget_list(text: str) -> list[int]:
     """Comma-separated budgets k, each once."""
     budgets = int_list(text)
@@ -141,7 +148,8 @@ def add_model_options(parser: argparse.ArgumentParser,
                         help="number of sampler steps T (default: the model's own, 50 for mnist-dit)")
     parser.add_argument("--guidance", type=guidance_float, default=None,
                         help="CFG scale, 0 to 100 (default: the model's own)")
-    parser.add_argument("--sigmas", default=None, help="sigma grid: linear or shifted (default: the model's own)")
+    parser.add_argument("--sigmas", default=None,
+                        help="sigma grid: linear, shifted (shift 3) or shifted:<shift> (default: the model's own)")
     if seed_help is not None:
         parser.add_argument("--seed", type=seed_int, default=0, help=seed_help)
 
@@ -206,10 +214,17 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_policy(folder: str, pipe, mechanism: str | None = None, allow_extrapolate: bool = False):
-    """A trained ReCache policy, checked against the pipeline's T, model and sigma grid (unless extrapolation is
-    allowed), and ``mechanism`` when given."""
+    """A trained ReCache policy of either version, checked against the pipeline's model and ``mechanism`` when given;
+    a v1 policy also against its T and sigma grid (unless extrapolation is allowed), a v2 one per schedule
+    (``policy_schedule``)."""
     sigmas = None if allow_extrapolate else pipe.sigma_schedule
-    return ReCachePolicy.from_pretrained(folder, T=pipe.steps, model=pipe.model_id, mechanism=mechanism, sigmas=sigmas)
+    return load_any_policy(folder, T=pipe.steps, model=pipe.model_id, mechanism=mechanism, sigmas=sigmas)
+
+
+def policy_schedule(policy, k: int, pipe, nested: bool = False, allow_extrapolate: bool = False) -> Schedule:
+    """A policy's schedule of ``k`` passes on the pipeline's own sigma grid (checked against what it was trained on,
+    unless extrapolation is allowed)."""
+    return policy.schedule(k, nested=nested, allow_extrapolate=allow_extrapolate, sigmas=getattr(pipe, "sigmas", None))
 
 
 def load_schedule(path: str, pipe, allow_extrapolate: bool = False) -> Schedule:
@@ -232,8 +247,7 @@ def resolve_schedule(args: argparse.Namespace, pipe):
             raise RecacheError("--policy needs --budget: the number of full passes to schedule")
         policy = load_policy(args.policy, pipe, args.mechanism, args.allow_extrapolate)
         k = resolve_budget(args.budget, pipe.steps)
-        schedule = policy.schedule(k, nested=args.nested, allow_extrapolate=args.allow_extrapolate)
-        return schedule, policy.config.mechanism
+        return policy_schedule(policy, k, pipe, args.nested, args.allow_extrapolate), policy.config.mechanism
     if args.schedule is not None:
         schedule = load_schedule(args.schedule, pipe, args.allow_extrapolate)
         made_for = schedule.metadata.get("mechanism")

@@ -60,17 +60,23 @@ def _smooth(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def plot_training_curve(log: list[dict], path: str | os.PathLike, window: int = 10) -> None:
-    """Reward, its fidelity and quality parts, and the policy entropy per update (thin: raw, thick: running mean)."""
-    keys = (("reward", "reward R"), ("fidelity", "fidelity D (lower is better)"),
-            ("quality", "quality Q: log p(class)"), ("entropy", "policy entropy (nats)"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
-    updates = [row["update"] for row in log]
-    for ax, (key, title) in zip(axes, keys, strict=True):
+REINFORCE_CURVES = (("reward", "reward R"), ("fidelity", "fidelity D (lower is better)"),
+                    ("quality", "quality Q: log p(class)"), ("entropy", "policy entropy (nats)"))
+EXPERT_CURVES = (("elite_vs_uniform", "elite MSE / uniform MSE, mean over budgets"),
+                 ("improved", "elites improved in the round"), ("distil_loss", "distillation NLL per step"))
+
+
+def plot_training_curve(log: list[dict], path: str | os.PathLike, window: int = 10,
+                        curves: tuple[tuple[str, str], ...] = REINFORCE_CURVES, x: str = "update") -> None:
+    """One panel per logged ``curves`` key against ``x`` (thin: raw, thick: running mean): REINFORCE's reward, its
+    fidelity and quality parts and the entropy, or expert iteration's progress (``EXPERT_CURVES``, by round)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2))
+    steps = [row[x] for row in log]
+    for ax, (key, title) in zip(axes, curves, strict=True):
         values = [row[key] for row in log]
-        ax.plot(updates, values, lw=0.6, alpha=0.4, color="C0")
-        ax.plot(updates, _smooth(values, window), lw=1.8, color="C0")
-        ax.set_xlabel("update")
+        ax.plot(steps, values, lw=0.6, alpha=0.4, color="C0")
+        ax.plot(steps, _smooth(values, window), lw=1.8, color="C0")
+        ax.set_xlabel(x)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     _save(fig, path)

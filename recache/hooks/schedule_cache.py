@@ -295,7 +295,8 @@ class _CallHook(ModelHook):
             self.stats.finish()
         st.record = self.stats.current[name] = {
             "T": schedule.T, "k": schedule.k, "computed_steps": [], "cached_steps": 0,
-            "source": schedule.metadata.get("source", "schedule"), "extra_calls": 0, "extra_passes": 0}
+            "source": schedule.metadata.get("source", "schedule"), "extra_calls": 0, "extra_passes": 0,
+            **{key: schedule.metadata[key] for key in ("fallback", "guard") if key in schedule.metadata}}
 
     def _close(self, st: _ContextState) -> None:
         """The previous generation of this context ends: if it ran fewer steps than planned, say so (a pipeline call

@@ -22,6 +22,7 @@ from recache.errors import RecacheError, is_whole
 from recache.io import check_fields
 from recache.mechanisms import MECHANISMS
 from recache.policies.pretrained import load_policy_weights, read_policy_config, resolve_policy, write_policy
+from recache.sampling.sigmas import get_sigmas
 from recache.schedule import Schedule, check_budget
 
 FREQUENCIES = 4
@@ -66,21 +67,22 @@ class ReCacheConfig:
             raise RecacheError(f"fallback must list budgets within {self.k_min}-{self.k_max}, got {self.fallback!r}")
 
 
-class ReCachePolicy(nn.Module):
-    """``logits(k)`` over the T steps; ``sample`` for training, ``schedule(k)`` for inference."""
+def policy_mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    """The policies' network: two SiLU layers of ``hidden``, the last layer zero-initialised, so training starts
+    from the uniform distribution (maximum entropy). Ours."""
+    mlp = nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                        nn.Linear(hidden, outputs))
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.zeros_(mlp[-1].bias)
+    return mlp
 
-    def __init__(self, config: ReCacheConfig):
+
+class SchedulePolicy(nn.Module):
+    """What every learned policy says of itself: its config and the model and mechanism it was trained for."""
+
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        width = 1 + 2 * FREQUENCIES
-        self.mlp = nn.Sequential(nn.Linear(width, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.hidden),
-                                 nn.SiLU(), nn.Linear(config.hidden, config.T - 1))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    @property
-    def T(self) -> int:
-        return self.config.T
 
     @property
     def model(self) -> str:
@@ -89,6 +91,18 @@ class ReCachePolicy(nn.Module):
     @property
     def mechanism(self) -> str:
         return self.config.mechanism
+
+
+class ReCachePolicy(SchedulePolicy):
+    """``logits(k)`` over the T steps; ``sample`` for training, ``schedule(k)`` for inference."""
+
+    def __init__(self, config: ReCacheConfig):
+        super().__init__(config)
+        self.mlp = policy_mlp(1 + 2 * FREQUENCIES, config.hidden, config.T - 1)
+
+    @property
+    def T(self) -> int:
+        return self.config.T
 
     def budget_embedding(self, k: torch.Tensor) -> torch.Tensor:
         u = k.float()[:, None] / self.T
@@ -167,16 +181,44 @@ class ReCachePolicy(nn.Module):
             steps += (mapped.topk(k - 1 - len(steps)).indices + 1).tolist()
         return Schedule.from_steps(T, [0, *steps], **meta)
 
+    def covers(self, k: int, sigmas: torch.Tensor | None = None) -> bool:
+        """Whether budget ``k`` (on grid ``sigmas``) is in the trained range."""
+        return self.config.k_min <= k <= self.config.k_max and (sigmas is None or len(sigmas) - 1 == self.T)
+
+    @property
+    def training_rollouts(self) -> int | None:
+        """The cached rollouts its training ran (updates x pairs x group), when the config records them."""
+        t = self.config.training
+        return t["updates"] * t["pairs"] * t["group"] if {"updates", "pairs", "group"} <= set(t) else None
+
+    def check_grid(self, sigmas: torch.Tensor) -> None:
+        """``sigmas`` must be the grid the policy was trained on: its T, and its values when ``config.sigmas`` names
+        a grid of ``get_sigmas`` (a policy trained on a diffusers pipeline records the scheduler's class instead)."""
+        if len(sigmas) - 1 != self.T:
+            raise RecacheError(f"the policy was trained for T={self.T} steps, this sampler runs {len(sigmas) - 1}; "
+                               "a v1 policy serves one T (a v2 policy, recache train, serves a range)")
+        try:
+            trained = get_sigmas(self.config.sigmas, self.T)
+        except RecacheError:
+            return
+        if not torch.allclose(trained, torch.as_tensor(sigmas, dtype=trained.dtype), atol=1e-4):
+            raise RecacheError(f"the policy was trained on the {self.config.sigmas!r} sigma grid, this sampler's grid "
+                               "differs; use that grid, or allow extrapolation (--allow-extrapolate)")
+
     @torch.no_grad()
-    def schedule(self, k: int, nested: bool = False, allow_extrapolate: bool = False, guarded: bool = True) -> Schedule:
+    def schedule(self, k: int, nested: bool = False, allow_extrapolate: bool = False, guarded: bool = True,
+                 sigmas: torch.Tensor | None = None) -> Schedule:
         """The deterministic schedule for budget ``k``: step 0 and the top-(k-1) logits, or the uniform schedule for
         the budgets in ``config.fallback`` (where the learned one lost to it on calibration pairs; ``guarded=False``
-        ignores them).
+        ignores them). ``sigmas``, when given, is the sampler's grid, checked against the trained one unless
+        extrapolation is allowed.
 
         ``nested=True`` builds the budgets greedily from ``k_min`` up (each adds its best step not yet taken), so
         ``S(k)`` is inside ``S(k + 1)`` by construction, without fallbacks; below ``k_min`` it keeps the top of
         ``S(k_min)``'s logits."""
         self.check_budget(k, allow_extrapolate)
+        if sigmas is not None and not allow_extrapolate:
+            self.check_grid(sigmas)
         meta = {"source": "recache", "model": self.config.model, "mechanism": self.config.mechanism,
                 "sigmas": self.config.sigmas, "nested": nested}
         if guarded and not nested and k in self.config.fallback:
