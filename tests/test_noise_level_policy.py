@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from recache.errors import RecacheError
 from recache.io import read_jsonl
-from recache.policies import NoiseLevelConfig, NoiseLevelPolicy, ReCachePolicy, load_policy
-from recache.policies import expert_training
+from recache.policies import NoiseLevelConfig, NoiseLevelPolicy, ReCachePolicy, expert_training, load_policy
 from recache.policies.expert_iteration import ExpertConfig, relocations
 from recache.policies.expert_training import train_noise_level
 from recache.sampling.pipeline import DigitPipeline
