@@ -103,6 +103,11 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def given_options(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The flags among ``names`` (argparse destinations defaulting to None) that the user gave, as typed."""
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+
+
 def float_list(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]

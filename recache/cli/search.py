@@ -18,6 +18,7 @@ from recache.cli.options import (
     budget_label,
     budget_list,
     check_writable,
+    given_options,
     load_sampler,
     nonnegative_float,
     nonnegative_int,
@@ -83,7 +84,7 @@ def _check_method_options(args: argparse.Namespace) -> None:
         raise RecacheError("--budgets needs --method path; an annealing search runs one --budget")
     if args.method == "anneal" and args.cost != "sum":
         raise RecacheError("--cost needs --method path")
-    given = [f"--{name.replace('_', '-')}" for name in ANNEAL_OPTIONS if getattr(args, name) is not None]
+    given = given_options(args, ANNEAL_OPTIONS)
     if args.method == "path" and given:
         raise RecacheError(f"{given[0]} needs --method anneal (a path plan has no annealing, restarts or start)")
 

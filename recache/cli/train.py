@@ -15,6 +15,7 @@ from recache.cli.options import (
     add_pipeline_options,
     check_writable,
     float_list,
+    given_options,
     int_list,
     load_sampler,
     nonnegative_float,
@@ -82,16 +83,12 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
-
-
 def run(args: argparse.Namespace) -> int:
     if args.trainer == "reinforce":
-        if given := _given(args, EXPERT_OPTIONS):
+        if given := given_options(args, EXPERT_OPTIONS):
             raise RecacheError(f"{given[0]} needs --trainer expert")
         return _run_reinforce(args)
-    if given := _given(args, REINFORCE_OPTIONS):
+    if given := given_options(args, REINFORCE_OPTIONS):
         raise RecacheError(f"{given[0]} needs --trainer reinforce (the expert trainer sets T and the grid per "
                            "setting: --train-steps, --train-shifts)")
     if args.nproc > 1:
