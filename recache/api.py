@@ -1,5 +1,6 @@
 """The one-line facade over the hooks, cache-dit style: ``recache.enable(pipe, budget=10)``, ``recache.summary(pipe)``,
-``recache.disable(pipe)``. ``pipe`` is a diffusers pipeline or a bare supported transformer.
+``recache.disable(pipe)``. ``pipe`` is a diffusers pipeline or a bare supported transformer (``torch.compile``-wrapped
+ones too); every denoiser of the pipeline is cached under one schedule (Wan 2.2's two experts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from recache.hooks.schedule_cache import (
     reset_recache,
     steps_run,
 )
-from recache.hooks.transformers import model_fingerprint, transformer_blocks, transformer_of
+from recache.hooks.transformers import denoisers_of, model_fingerprint, transformer_blocks, transformer_of
 from recache.mechanisms import DEFAULT_MECHANISM
 from recache.policies.noise_level import NoiseLevelPolicy, load_policy
 from recache.policies.recache import ReCachePolicy
@@ -28,16 +29,20 @@ from recache.schedule import Budget, Schedule
 def enable(pipe, budget: Budget | None = None, *,
            policy: str | os.PathLike | ReCachePolicy | NoiseLevelPolicy | None = None,
            mechanism: str | None = None, schedule: str | os.PathLike | Schedule | None = None,
-           num_inference_steps: int | None = None):
+           num_inference_steps: int | None = None, allow_extrapolate: bool = False):
     """Cache ``pipe``'s transformer to ``budget`` full passes per generation (and per CFG branch).
 
     ``budget``: an int ``k``, a fraction of the steps in (0, 1] or a speed-up like ``"4x"``, resolved against each
     call's ``num_inference_steps``. ``policy``: a learned policy (a folder, v1 or v2) that places the ``k``
     passes; without it the passes are spread uniformly, or follow the fixed ``schedule`` (a file or ``Schedule``).
-    ``mechanism`` defaults to the policy's (else ``taylorseer``). Every argument is checked before anything is
-    registered, so a refused call leaves ``pipe`` unmodified. Returns ``pipe``."""
-    transformer = transformer_of(pipe)
-    transformer_blocks(transformer)
+    ``mechanism`` defaults to the policy's (else ``taylorseer``). A policy plans for the step count and sigma grid
+    of each call (the pipeline's scheduler tells them) and refuses ones outside its trained range unless
+    ``allow_extrapolate``. Every argument is checked before anything is registered, so a refused call leaves
+    ``pipe`` unmodified. Returns ``pipe``."""
+    denoisers = denoisers_of(pipe)
+    for transformer in denoisers:
+        transformer_blocks(transformer)
+    transformer = denoisers[0]
     if isinstance(policy, (str, os.PathLike)):
         policy = load_policy(policy)
     if isinstance(schedule, (str, os.PathLike)):
@@ -48,15 +53,15 @@ def enable(pipe, budget: Budget | None = None, *,
     if mechanism is None:
         mechanism = (policy.mechanism if policy is not None
                      else (schedule.metadata.get("mechanism") if schedule else None) or DEFAULT_MECHANISM)
-    apply_recache(transformer, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
-                                                 num_inference_steps=num_inference_steps,
-                                                 clock=pipeline_clock(pipe)))
+    apply_recache(denoisers, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
+                                               num_inference_steps=num_inference_steps, clock=pipeline_clock(pipe),
+                                               allow_extrapolate=allow_extrapolate))
     return pipe
 
 
 def disable(pipe):
     """Remove recache from ``pipe``'s transformer; it then computes exactly as before ``enable``. Returns ``pipe``."""
-    remove_recache(transformer_of(pipe))
+    remove_recache(denoisers_of(pipe))
     return pipe
 
 
@@ -106,6 +111,11 @@ def _describe(r: dict) -> str:
         text += f"; the policy's guard kept the {r['fallback']} schedule for this budget, T and grid"
     elif r.get("guard") == "not checked":
         text += "; this T and grid lie between the policy's trained ones (its guard did not check them)"
+    for later, step in r.get("moved_passes", []):
+        text += f"; the pass of step {later} moved to step {step}, where the next expert starts"
+    if "filled_from_other_expert" in r:
+        text += (f"; the expert starting at step {r['filled_from_other_expert']} had no pass left and was filled "
+                 "from the other expert's cache")
     if r["extra_calls"]:
         text += (f"; {r['extra_calls']} further call(s) inside steps (e.g. skip-layer guidance), "
                  f"{r['extra_passes']} of them ran the blocks")

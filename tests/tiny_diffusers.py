@@ -107,6 +107,15 @@ def tiny_wan_pipeline(seed: int = 0):
                        transformer=tiny_wan_transformer(seed))
 
 
+def tiny_wan22_pipeline(seed: int = 0, boundary_ratio: float = 0.9):
+    """A Wan 2.2-style WanPipeline: the tiny Wan pipeline with a second expert (``transformer_2``, other weights) that
+    runs the steps whose timestep is below ``boundary_ratio`` x 1000."""
+    from diffusers import WanPipeline
+
+    parts = {k: v for k, v in tiny_wan_pipeline(seed).components.items() if k != "transformer_2"}
+    return WanPipeline(**parts, transformer_2=tiny_wan_transformer(seed + 1), boundary_ratio=boundary_ratio)
+
+
 def tiny_sd3_transformer(seed: int = 0):
     from diffusers import SD3Transformer2DModel
 

@@ -27,32 +27,37 @@ import torch
 @dataclass(frozen=True)
 class StepPosition:
     """``call`` names the generation (compared by identity), ``step`` is the call's 0-based step in it, ``steps``
-    its step count (None when the caller does not say), ``from_pipeline`` whether a scheduler said so."""
+    its step count (None when the caller does not say), ``from_pipeline`` whether a scheduler said so, ``sigmas``
+    the grid it runs (a reference to the scheduler's tensor, read only when a generation starts)."""
 
     call: object
     step: int
     steps: int | None
     from_pipeline: bool = False
+    sigmas: torch.Tensor | None = None  # the call's sigma grid (steps + 1 values), when its scheduler tells it
 
 
 Clock = Callable[[], StepPosition | None]
 
 
 def pipeline_clock(pipe) -> Clock | None:
-    """A clock reading ``pipe.scheduler`` (None for a pipeline without a step-counting scheduler). Outside a call
-    (no timesteps yet, or the last step taken) it answers None and the hooks fall back to rules 2 and 3."""
-    scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "step_index"):
+    """A clock reading ``pipe.scheduler`` (None for a pipeline without a step-counting scheduler), looked up at each
+    call, so a scheduler swapped in after ``enable`` is the one read. Outside a call (no timesteps yet, or the last
+    step taken) it answers None and the hooks fall back to rules 2 and 3."""
+    if not hasattr(getattr(pipe, "scheduler", None), "step_index"):
         return None
 
     def position() -> StepPosition | None:
+        scheduler = pipe.scheduler
         timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is None:
+        if timesteps is None or not hasattr(scheduler, "step_index"):
             return None
         begin = getattr(scheduler, "begin_index", None) or 0
         index = scheduler.step_index
         step, steps = (0 if index is None else index - begin), len(timesteps) - begin
-        return StepPosition(timesteps, step, steps, from_pipeline=True) if 0 <= step < steps else None
+        sigmas = getattr(scheduler, "sigmas", None)
+        grid = sigmas[begin:] if isinstance(sigmas, torch.Tensor) and len(sigmas) == len(timesteps) + 1 else None
+        return StepPosition(timesteps, step, steps, from_pipeline=True, sigmas=grid) if 0 <= step < steps else None
 
     return position
 

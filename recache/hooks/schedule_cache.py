@@ -12,12 +12,18 @@ The mask of a generation comes from a fixed ``Schedule``, a learned planner (a `
 count) or the uniform schedule, for the budget resolved against the generation's step count ``T``. State is kept
 per cache context (diffusers pipelines call the transformer in ``cache_context("cond")`` / ``("uncond")``, so each
 CFG branch runs its own budget), starts afresh with every generation, and is dropped after its last step.
+
+A pipeline with two denoisers (Wan 2.2: a high-noise and a low-noise expert) is hooked as one: the generation has one
+schedule of exactly ``k`` passes over both, and each expert keeps its own residuals. The first step an expert runs
+has nothing of its own to forecast from, so (ours) it computes and the next planned pass of the generation is
+dropped in exchange; when no planned pass is left, that expert's steps are filled from the other expert's cache.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +33,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from recache.errors import RecacheError, RecacheWarning
 from recache.hooks.clock import Clock, StepPosition, next_position, noise_level
-from recache.hooks.transformers import model_fingerprint, transformer_blocks
+from recache.hooks.transformers import check_blocks_not_compiled, model_fingerprint, transformer_blocks
 from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, get_mechanism
 from recache.mechanisms.base import ALL
 from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_form, resolve_budget
@@ -54,6 +60,7 @@ class RecacheHookConfig:
         clock: where each call sits in its generation (``recache.enable`` passes ``pipeline_clock(pipe)``, which
             reads the pipeline's scheduler); without it, the cache context's ``step_index`` or the calls' noise
             levels tell (``clock.py``).
+        allow_extrapolate: let the policy plan for a step count, sigma grid or budget outside its trained range.
     """
 
     budget: Budget | None = None
@@ -62,6 +69,7 @@ class RecacheHookConfig:
     schedule: Schedule | None = None
     num_inference_steps: int | None = None
     clock: Clock | None = field(default=None, repr=False)
+    allow_extrapolate: bool = False
 
     def __post_init__(self):
         if self.mechanism not in HOOK_MECHANISMS:
@@ -71,6 +79,10 @@ class RecacheHookConfig:
             raise RecacheError("give a budget (k, a fraction of the steps, or a speed-up like '4x') or a schedule")
         if self.schedule is not None and self.policy is not None:
             raise RecacheError("give a policy or a fixed schedule, not both")
+        if self.allow_extrapolate and (self.policy is None or "allow_extrapolate" not in
+                                       inspect.signature(self.policy.schedule_for_steps).parameters):
+            raise RecacheError("allow_extrapolate applies to a policy that plans outside its trained range; "
+                               "this configuration has none")
         if self.policy is not None and self.policy.mechanism != self.mechanism:
             raise RecacheError(f"the policy was trained for mechanism {self.policy.mechanism!r}, "
                                f"not {self.mechanism!r}")
@@ -81,17 +93,37 @@ class RecacheHookConfig:
         if self.schedule is not None:
             self.plan(self.schedule.T)
 
-    def plan(self, T: int) -> Schedule:
-        """The schedule of a generation of ``T`` steps."""
+    def plan(self, T: int, sigmas: torch.Tensor | None = None) -> Schedule:
+        """The schedule of a generation of ``T`` steps on the sampler's grid ``sigmas`` (``T + 1`` values, when the
+        pipeline's scheduler tells them): a policy checks the grid against its trained ones, a fixed schedule with
+        ``aligned_sigmas`` must run on them."""
         if self.schedule is not None:
             if self.schedule.T != T:
                 raise RecacheError(f"the schedule is for T={self.schedule.T} steps, but this call runs {T}")
             if self.budget is not None and resolve_budget(self.budget, T) != self.schedule.k:
                 raise RecacheError(f"budget {self.budget!r} asks for k={resolve_budget(self.budget, T)}, "
                                    f"the schedule has k={self.schedule.k}")
+            check_aligned_grid(self.schedule, sigmas)
             return self.schedule
         k = resolve_budget(self.budget, T)
-        return self.policy.schedule_for_steps(k, T) if self.policy is not None else Schedule.uniform(T, k)
+        if self.policy is None:
+            return Schedule.uniform(T, k)
+        takes = inspect.signature(self.policy.schedule_for_steps).parameters  # a planner of one's own may take (k, T)
+        options = {"allow_extrapolate": self.allow_extrapolate, "sigmas": sigmas}
+        return self.policy.schedule_for_steps(k, T, **{key: v for key, v in options.items() if key in takes})
+
+
+def check_aligned_grid(schedule: Schedule, sigmas: torch.Tensor | None) -> None:
+    """A schedule searched with an aligned grid (``recache align``) is only good on that grid: the sampler must run
+    it. Checked where the pipeline's scheduler tells its grid; a loop of one's own must pass it itself."""
+    aligned = schedule.metadata.get("aligned_sigmas")
+    if aligned is None or sigmas is None:
+        return
+    aligned = torch.tensor(aligned, dtype=torch.float64)
+    if len(sigmas) != len(aligned) or not torch.allclose(sigmas.double(), aligned, atol=1e-4):
+        raise RecacheError("the schedule was aligned to its own sigma grid (aligned_sigmas) and this pipeline's "
+                           "scheduler runs another; pass the aligned grid to the call (sigmas=aligned_sigmas[:-1], "
+                           "with a scheduler that does not shift them) or use the schedule without aligned_sigmas")
 
 
 @dataclass
@@ -125,11 +157,19 @@ class _Stream:
     n-th further call inside a step (stream n: SD3's skip-layer guidance), which has inputs and residuals of its
     own. Ours: a further call follows its step's decision, but computes while its stream has nothing recorded."""
 
-    def __init__(self, mechanism: str, rows: int, steps: int):
+    def __init__(self, mechanism: str, steps: int):
         self.mechanisms = {"h": get_mechanism(mechanism), "e": get_mechanism(mechanism)}
-        for m in self.mechanisms.values():
-            m.reset(rows, steps)
-        self.recorded = self.has_e = False
+        self.steps, self.recorded, self.has_e = steps, False, False
+
+    def record(self, step: int, h_in, h_out, e_in, e_out) -> None:
+        """Record a computed step's residuals; the state is sized by the first (streams may have no batch axis)."""
+        streams = (("h", h_in, h_out),) + ((("e", e_in, e_out),) if e_in is not None and e_out is not None else ())
+        for key, x_in, x_out in streams:
+            if not self.recorded or (key == "e" and not self.has_e):
+                self.mechanisms[key].reset(x_in.shape[0], self.steps)
+            self.mechanisms[key].record(step, ALL, x_in, x_out)
+        self.has_e = self.has_e or len(streams) == 2
+        self.recorded = True
 
 
 class _ContextState(BaseState):
@@ -138,7 +178,8 @@ class _ContextState(BaseState):
 
     def reset(self):
         self.position = self.level = self.schedule = self.record = self.stream = None
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[tuple[int, int], _Stream] = {}  # (expert, call index inside the step) -> its state
+        self.mask: list[bool] = []  # the generation's plan, as it goes (a pass may move to where an expert starts)
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
 
@@ -206,26 +247,38 @@ class _BlockHook(ModelHook):
             return out
         h, e = _io(self.meta, args, kwargs)
         if not st.filled:
-            st.filled, step = True, st.position.step
-            h = st.stream.mechanisms["h"].cached_pass(step, ALL, h, None, ())
-            if e is not None and st.stream.has_e:
-                e = st.stream.mechanisms["e"].cached_pass(step, ALL, e, None, ())
+            st.filled = True
+            h, e = _fill(st, h, e)
         return _pack(self.meta, h, e)
+
+
+@torch.compiler.disable
+def _fill(st: _ContextState, h: torch.Tensor, e: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stack's estimated output on a cached step. Kept out of ``torch.compile``: traced, the step number and the
+    mechanism's history would be guarded on and recompile the model at every step."""
+    step = st.position.step
+    h = st.stream.mechanisms["h"].cached_pass(step, ALL, h, None, ())
+    if e is not None and st.stream.has_e:
+        e = st.stream.mechanisms["e"].cached_pass(step, ALL, e, None, ())
+    return h, e
 
 
 class _CallHook(ModelHook):
     """On the transformer: places each call in its generation (``clock``), starts a generation (its plan for the
     call's own step count, fresh mechanism state), decides compute or cache, and after the blocks records the
-    stack residual ``h_out - h_in``. A stream's state is dropped after its generation's last step."""
+    stack residual ``h_out - h_in``. A stream's state is dropped after its generation's last step. ``expert``
+    numbers the denoisers of a pipeline that share one generation (Wan 2.2's two)."""
 
     _is_stateful = True
 
-    def __init__(self, state_manager: StateManager, config: RecacheHookConfig, stats: RecacheStats):
+    def __init__(self, state_manager: StateManager, config: RecacheHookConfig, stats: RecacheStats,
+                 blocks: list[torch.nn.Module], expert: int, group: list[torch.nn.Module]):
         super().__init__()
         self.state_manager, self.config, self.stats = state_manager, config, stats
+        self.blocks, self.expert, self.group = blocks, expert, group  # group: the transformers hooked together
 
     def initialize_hook(self, module):
-        names = list(inspect.signature(module.forward).parameters)
+        names, self.model_name = list(inspect.signature(module.forward).parameters), type(module).__name__
         self.timestep_at = names.index("timestep") if "timestep" in names else None
         return module
 
@@ -236,10 +289,9 @@ class _CallHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         st = self.state_manager.get_state()
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         timestep = kwargs.get("timestep", args[self.timestep_at] if self.timestep_at is not None
                               and self.timestep_at < len(args) else None)
-        self._begin(st, hidden.shape[0], timestep)
+        self._begin(st, timestep)
         out = self.fn_ref.original_forward(*args, **kwargs)
         self._end(st)
         return out
@@ -254,7 +306,7 @@ class _CallHook(ModelHook):
         return next_position(last, st.level, level, ctx.step_index, ctx.num_inference_steps), level
 
     @torch.compiler.disable
-    def _begin(self, st: _ContextState, rows: int, timestep) -> None:
+    def _begin(self, st: _ContextState, timestep) -> None:
         position, level = self._position(st, timestep)
         if st.position is None or position.call is not st.position.call:
             self._start(st, position)
@@ -267,9 +319,9 @@ class _CallHook(ModelHook):
                                + _GIVE_STEPS)
         st.position, st.level = position, level
         index = st.calls_in_step - 1
-        if index not in st.streams:
-            st.streams[index] = _Stream(self.config.mechanism, rows, st.schedule.T)
-        st.stream, planned = st.streams[index], bool(st.schedule.mask[position.step])
+        if (self.expert, index) not in st.streams:
+            self._new_stream(st, index)
+        st.stream, planned = st.streams[(self.expert, index)], st.mask[position.step]
         st.compute, st.filled = planned or not st.stream.recorded, False
         st.h_in = st.e_in = st.h_out = st.e_out = None
         if index > 0:
@@ -280,23 +332,54 @@ class _CallHook(ModelHook):
         else:
             st.record["cached_steps"] += 1
 
+    def _new_stream(self, st: _ContextState, index: int) -> None:
+        """The state of this expert's ``index``-th call in a step. When an expert's first call of a generation falls
+        on a cached step (Wan 2.2's second expert), it computes and the next planned pass is dropped, so the
+        generation still makes exactly ``k``; with no planned pass left, it is filled from another expert's cache."""
+        step, others = st.position.step, [s for (e, i), s in st.streams.items() if i == index and s.recorded]
+        if index == 0 and others and not st.mask[step]:
+            later = next((j for j in range(step + 1, len(st.mask)) if st.mask[j]), None)
+            if later is None:
+                st.streams[(self.expert, index)] = others[-1]
+                st.record["filled_from_other_expert"] = step
+                return
+            st.mask[step], st.mask[later] = True, False
+            st.record["moved_passes"].append([later, step])
+        st.streams[(self.expert, index)] = _Stream(self.config.mechanism, st.schedule.T)
+
     def _start(self, st: _ContextState, position: StepPosition) -> None:
         T = position.steps or self.config.num_inference_steps or (
             self.config.schedule.T if self.config.schedule is not None else None)
         if not T:
             raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to "
                                "RecacheHookConfig (or use recache.enable on the pipeline)")
-        schedule = self.config.plan(int(T))  # refused here, the state of the last generation is untouched
+        check_blocks_not_compiled(self.model_name, self.blocks)
+        sigmas = position.sigmas.detach().double().cpu() if position.sigmas is not None else None
+        schedule = self.config.plan(int(T), sigmas)  # refused here, the state of the last generation is untouched
         self._close(st)
         st.reset()
-        st.schedule, st.calls_in_step = schedule, 1
+        st.schedule, st.mask, st.calls_in_step = schedule, list(schedule.mask), 1
         name = self.state_manager.context.name
         if name in self.stats.current:
             self.stats.finish()
         st.record = self.stats.current[name] = {
             "T": schedule.T, "k": schedule.k, "computed_steps": [], "cached_steps": 0,
             "source": schedule.metadata.get("source", "schedule"), "extra_calls": 0, "extra_passes": 0,
+            "moved_passes": [],
             **{key: schedule.metadata[key] for key in ("fallback", "guard") if key in schedule.metadata}}
+
+    def _check_residual(self, st: _ContextState) -> None:
+        """The blocks must map each stream to one of the same shape, or there is no residual to cache (a stack
+        that concatenates or splits streams inside it, or a block registered with the wrong outputs). Such a model
+        is unhooked, with one line naming it."""
+        pairs = [("image", st.h_in, st.h_out)] + ([("text", st.e_in, st.e_out)] if st.e_out is not None else [])
+        bad = [(n, tuple(a.shape), tuple(b.shape)) for n, a, b in pairs if a is not None and a.shape != b.shape]
+        if bad:
+            remove_recache(self.group)
+            name, shape_in, shape_out = bad[0]
+            raise RecacheError(f"transformer {self.model_name} is not supported: its blocks turn the {name} stream "
+                               f"{shape_in} into {shape_out}, so they do not form one residual stack; "
+                               "recache was removed from it")
 
     def _close(self, st: _ContextState) -> None:
         """The previous generation of this context ends: if it ran fewer steps than planned, say so (a pipeline call
@@ -314,24 +397,39 @@ class _CallHook(ModelHook):
     def _end(self, st: _ContextState) -> None:
         stream, step = st.stream, st.position.step
         if st.compute and st.h_out is not None:
-            stream.mechanisms["h"].record(step, ALL, st.h_in, st.h_out)
-            if st.e_in is not None and st.e_out is not None:
-                stream.mechanisms["e"].record(step, ALL, st.e_in, st.e_out)
-                stream.has_e = True
-            stream.recorded = True
+            self._check_residual(st)
+            stream.record(step, st.h_in, st.h_out, st.e_in, st.e_out)
         st.h_in = st.e_in = st.h_out = st.e_out = None
         if step == st.schedule.T - 1:  # the generation's last step: nothing of this stream is needed any more
             index = st.calls_in_step - 1
-            st.streams = {} if index == 0 else {i: s for i, s in st.streams.items() if i != index}
+            st.streams = {key: s for key, s in st.streams.items() if key[1] != index and index != 0}
             st.stream = None
             if all(steps_run(r) == r["T"] for r in self.stats.current.values()):
                 self.stats.finish()
 
 
-def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> RecacheStats:
-    """Register the recache hooks on a supported diffusers transformer (FLUX, Wan 2.1, SD3); returns the stats object
-    the hooks fill (``recache.summary`` reads it). Everything is checked before the model is touched."""
-    blocks = transformer_blocks(transformer)
+def apply_recache(transformer: torch.nn.Module | Sequence[torch.nn.Module], config: RecacheHookConfig) -> RecacheStats:
+    """Register the recache hooks on a diffusers transformer whose blocks diffusers registers (``transformers.py``),
+    or on the denoisers of one pipeline together (Wan 2.2's two experts: one schedule for the generation); returns
+    the stats object the hooks fill (``recache.summary`` reads it). Everything is checked before a model is
+    touched."""
+    transformers = [transformer] if isinstance(transformer, torch.nn.Module) else list(transformer)
+    stacks = [transformer_blocks(t) for t in transformers]
+    for t in transformers:
+        _check_can_hook(t, config)
+    state_manager, stats = _StateManager(_ContextState), RecacheStats(config.mechanism)
+    for expert, (t, blocks) in enumerate(zip(transformers, stacks, strict=True)):
+        registry = HookRegistry.check_if_exists_or_initialize(t)
+        registry.register_hook(_CallHook(state_manager, config, stats, blocks, expert, transformers), _CALL_HOOK)
+        for block in blocks:
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(state_manager), _BLOCK_HOOK)
+        registry.invalidate_child_registries_cache()
+        if hasattr(type(t), "is_cache_enabled"):  # registered as the model's cache: diffusers' enable_cache
+            t._cache_config = config  # now refuses a second cache, as apply_recache refuses one of diffusers'
+    return stats
+
+
+def _check_can_hook(transformer: torch.nn.Module, config: RecacheHookConfig) -> None:
     if is_recache_enabled(transformer):
         raise RecacheError("recache is already enabled on this transformer; disable it first "
                            "(recache.disable / remove_recache)")
@@ -341,21 +439,6 @@ def apply_recache(transformer: torch.nn.Module, config: RecacheHookConfig) -> Re
     if config.policy is not None and config.policy.model != model_fingerprint(transformer):
         raise RecacheError(f"the policy was trained for model {config.policy.model!r}, "
                            f"not {model_fingerprint(transformer)!r}")
-    for block in blocks:
-        try:
-            TransformerBlockRegistry.get(type(block))
-        except ValueError:
-            raise RecacheError(f"block class {type(block).__name__} is not registered with diffusers' "
-                               "TransformerBlockRegistry") from None
-    state_manager, stats = _StateManager(_ContextState), RecacheStats(config.mechanism)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(_CallHook(state_manager, config, stats), _CALL_HOOK)
-    for block in blocks:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(state_manager), _BLOCK_HOOK)
-    registry.invalidate_child_registries_cache()
-    if hasattr(type(transformer), "is_cache_enabled"):  # registered as the model's cache: diffusers' enable_cache
-        transformer._cache_config = config  # now refuses a second cache, as apply_recache refuses one of diffusers'
-    return stats
 
 
 def _call_hook(transformer: torch.nn.Module) -> _CallHook | None:
@@ -384,13 +467,14 @@ def reset_recache(transformer: torch.nn.Module) -> None:
         hook.reset_state(transformer)
 
 
-def remove_recache(transformer: torch.nn.Module) -> None:
-    """Remove the hooks; the transformer computes exactly as before ``apply_recache``."""
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            for name in (_CALL_HOOK, _BLOCK_HOOK):
-                registry.remove_hook(name, recurse=False)
-    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
-    if isinstance(getattr(transformer, "_cache_config", None), RecacheHookConfig):
-        transformer._cache_config = None
+def remove_recache(transformer: torch.nn.Module | Sequence[torch.nn.Module]) -> None:
+    """Remove the hooks (from each of the denoisers given); each computes exactly as before ``apply_recache``."""
+    for model in [transformer] if isinstance(transformer, torch.nn.Module) else transformer:
+        for module in model.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                for name in (_CALL_HOOK, _BLOCK_HOOK):
+                    registry.remove_hook(name, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        if isinstance(getattr(model, "_cache_config", None), RecacheHookConfig):
+            model._cache_config = None

@@ -208,9 +208,15 @@ class NoiseLevelPolicy(SchedulePolicy):
         checked = any(same(s) for s in self.config.settings) and k in self.config.budgets(T)
         return "learned" if checked else "not checked"
 
-    def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False) -> Schedule:
-        """The schedule for ``T`` steps of the config's grid (``sigmas``): what the hooks ask for."""
-        return self.schedule(k, sigmas=get_sigmas(self.config.sigmas, T), allow_extrapolate=allow_extrapolate)
+    def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False,
+                           sigmas: torch.Tensor | None = None) -> Schedule:
+        """The schedule for ``T`` steps on the sampler's grid ``sigmas`` (what the hooks ask for; the pipeline's
+        scheduler tells it), or on the config's grid when the sampler does not say."""
+        if sigmas is None:
+            sigmas = get_sigmas(self.config.sigmas, T)
+        elif len(sigmas) != T + 1:
+            raise RecacheError(f"a grid of T={T} steps has {T + 1} sigmas, got {len(sigmas)}")
+        return self.schedule(k, sigmas=sigmas, allow_extrapolate=allow_extrapolate)
 
     def save_pretrained(self, folder: str | Path) -> None:
         write_policy(folder, self.state_dict(), {"policy": KIND, **asdict(self.config)})

@@ -146,8 +146,10 @@ class ReCachePolicy(SchedulePolicy):
                                "range or allow extrapolation (--allow-extrapolate)")
 
     @torch.no_grad()
-    def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False) -> Schedule:
-        """The schedule of ``k`` full passes on a sampler of ``T`` steps, which may differ from the trained ``T_p``.
+    def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False,
+                           sigmas: torch.Tensor | None = None) -> Schedule:
+        """The schedule of ``k`` full passes on a sampler of ``T`` steps, which may differ from the trained ``T_p``;
+        at ``T = T_p`` the sampler's grid ``sigmas``, when given, is checked against the trained one.
 
         Mapping (``step_mapping = "nearest"`` in the saved config; our choice, in the spirit of MagCache's nearest
         interpolation of its ratios): the policy is asked for the budget with the same compute fraction,
@@ -160,7 +162,7 @@ class ReCachePolicy(SchedulePolicy):
             return Schedule.uniform(T, 1).with_metadata(source="recache", model=self.config.model,
                                                         mechanism=self.config.mechanism)
         if T == self.T:
-            return self.schedule(k, allow_extrapolate=allow_extrapolate)
+            return self.schedule(k, allow_extrapolate=allow_extrapolate, sigmas=sigmas)
         k_p = min(max(round(k * self.T / T), 2), self.T)
         if not (allow_extrapolate or self.config.k_min <= k_p <= self.config.k_max):
             raise RecacheError(f"budget k={k} of T={T} steps is k={k_p} of the policy's T={self.T}, "

@@ -25,7 +25,7 @@ from recache.hooks.schedule_cache import (
     is_recache_enabled,
     remove_recache,
 )
-from recache.hooks.transformers import model_fingerprint, transformer_blocks
+from recache.hooks.transformers import denoisers_of, model_fingerprint, transformer_blocks
 from recache.mechanisms import Mechanism
 from recache.models.flux_digits import FluxDigitsPipeline
 from recache.protocol import check_pairs
@@ -52,7 +52,8 @@ class DiffusersRollouts:
     name: str | None = None
 
     def __post_init__(self):
-        transformer_blocks(self.pipe.transformer)  # a supported transformer, or a clear error
+        for transformer in denoisers_of(self.pipe):  # supported transformers (Wan 2.2: both experts), or a clear error
+            transformer_blocks(transformer)
         if not self.prompts:
             raise RecacheError("a pipeline run needs at least one prompt")
 
@@ -85,7 +86,7 @@ class DiffusersRollouts:
             if not first_bad and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
                 first_bad.append(getattr(self.pipe.scheduler, "step_index", None) or 0)
 
-        handle = self.pipe.transformer.register_forward_hook(watch)
+        handles = [t.register_forward_hook(watch) for t in denoisers_of(self.pipe)]
         try:
             if self.generate is not None:
                 out = self.generate(conds, seeds, self.steps)
@@ -95,7 +96,8 @@ class DiffusersRollouts:
                 out = self.pipe(**batch, **self.call_kwargs, generator=generators, num_inference_steps=self.steps,
                                 output_type=self.output_type)[0]
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().squeeze(1).tolist()
         if first_bad or bad:
             where = (f"the transformer's output at sampler step {first_bad[0]} of {self.steps}" if first_bad
@@ -113,7 +115,7 @@ class DiffusersRollouts:
     @torch.no_grad()
     def __call__(self, conds, seeds) -> torch.Tensor:
         """Uncached outputs for ``prompts[conds[i]]`` from the noise of ``seeds[i]``."""
-        if is_recache_enabled(self.pipe.transformer):
+        if any(is_recache_enabled(t) for t in denoisers_of(self.pipe)):
             raise RecacheError("recache is enabled on this pipeline; disable it before computing uncached targets")
         return self._run(self.check_pairs(conds, seeds), list(seeds))
 
@@ -129,11 +131,11 @@ class DiffusersRollouts:
             rows = (masks.bool() == mask).all(1).nonzero().squeeze(1).tolist()
             config = RecacheHookConfig(schedule=Schedule(tuple(mask.tolist())), mechanism=name,
                                        clock=pipeline_clock(self.pipe))
-            stats = apply_recache(self.pipe.transformer, config)
+            stats = apply_recache(denoisers_of(self.pipe), config)
             try:
                 images = self._run([conds[r] for r in rows], [seeds[r] for r in rows])
             finally:
-                remove_recache(self.pipe.transformer)
+                remove_recache(denoisers_of(self.pipe))
             realised = {len(r["computed_steps"]) for call in stats.calls + [stats.current] for r in call.values()}
             if len(realised) != 1:
                 raise RuntimeError(f"CFG branches realised different budgets {sorted(realised)}")

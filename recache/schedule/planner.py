@@ -23,4 +23,6 @@ class SchedulePlanner(Protocol):
         """The caching mechanism the schedules were made for."""
 
     def schedule_for_steps(self, k: int, T: int) -> Schedule:
-        """The schedule of exactly ``k`` full passes on a sampler of ``T`` steps."""
+        """The schedule of exactly ``k`` full passes on a sampler of ``T`` steps. A planner may also take the
+        keywords ``sigmas`` (the sampler's grid, ``T + 1`` values, when the pipeline's scheduler tells it) and
+        ``allow_extrapolate`` (plan outside the trained range); the hooks pass them to one that does."""
