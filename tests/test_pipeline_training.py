@@ -43,6 +43,12 @@ def test_rollouts_match_the_uncached_pipeline_and_count_passes(rollouts):
     schedules = [Schedule.uniform(6, 2), Schedule.uniform(6, 4)]
     out, passes = rollouts.rollout([0, 1], [5, 6], schedules, "reuse")
     assert out.shape[:2] == (2, 2) and passes.tolist() == [[2, 2], [4, 4]]
+    rollouts.max_rows = 1  # one rollout a call: the same outputs
+    try:
+        one_by_one, _ = rollouts.rollout([0, 1], [5, 6], schedules, "reuse")
+    finally:
+        rollouts.max_rows = None
+    assert torch.allclose(one_by_one, out, atol=1e-5)
 
 
 def test_short_recache_training_runs_end_to_end(rollouts, tmp_path):

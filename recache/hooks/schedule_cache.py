@@ -61,6 +61,11 @@ class RecacheHookConfig:
             reads the pipeline's scheduler); without it, the cache context's ``step_index`` or the calls' noise
             levels tell (``clock.py``).
         allow_extrapolate: let the policy plan for a step count, sigma grid or budget outside its trained range.
+        row_schedules: one fixed schedule per batch row (rollouts of several schedules in one pipeline call): row
+            ``r`` of a call follows ``row_schedules[r mod R]``, so a call whose CFG branches share the batch (SD3)
+            gives both halves the same schedules. At a step where only some rows compute, the blocks run on those
+            rows alone (every block argument with the call's batch rows is sliced) and the others take their
+            estimate.
     """
 
     budget: Budget | None = None
@@ -70,12 +75,15 @@ class RecacheHookConfig:
     num_inference_steps: int | None = None
     clock: Clock | None = field(default=None, repr=False)
     allow_extrapolate: bool = False
+    row_schedules: tuple[Schedule, ...] | None = None
 
     def __post_init__(self):
         if self.mechanism not in HOOK_MECHANISMS:
             raise RecacheError(f"mechanism {self.mechanism!r} cannot run as a diffusers hook; "
                                f"choose one of {', '.join(HOOK_MECHANISMS)}")
-        if self.budget is None and self.schedule is None:
+        if self.row_schedules is not None:
+            self._check_row_schedules()
+        elif self.budget is None and self.schedule is None:
             raise RecacheError("give a budget (k, a fraction of the steps, or a speed-up like '4x') or a schedule")
         if self.schedule is not None and self.policy is not None:
             raise RecacheError("give a policy or a fixed schedule, not both")
@@ -89,9 +97,35 @@ class RecacheHookConfig:
         if self.budget is not None:
             check_budget_form(self.budget)
         if self.num_inference_steps is not None:
-            self.plan(self.num_inference_steps)  # a budget that cannot run is refused now, not at the first call
-        if self.schedule is not None:
-            self.plan(self.schedule.T)
+            self.plan_rows(self.num_inference_steps)  # a budget that cannot run is refused now, not at the first call
+        if self.fixed_steps is not None:
+            self.plan_rows(self.fixed_steps)
+
+    @property
+    def fixed_steps(self) -> int | None:
+        """The step count of the fixed schedule(s), if any."""
+        fixed = self.schedule or (self.row_schedules[0] if self.row_schedules else None)
+        return fixed.T if fixed is not None else None
+
+    def _check_row_schedules(self) -> None:
+        self.row_schedules = tuple(self.row_schedules)
+        if not self.row_schedules or not all(isinstance(s, Schedule) for s in self.row_schedules):
+            raise RecacheError("row_schedules must be a non-empty list of Schedules, one per batch row")
+        if self.budget is not None or self.schedule is not None or self.policy is not None:
+            raise RecacheError("give row_schedules alone, without a budget, schedule or policy")
+        if len({s.T for s in self.row_schedules}) > 1:
+            raise RecacheError(f"row schedules must share one step count, got T = "
+                               f"{sorted({s.T for s in self.row_schedules})}")
+
+    def plan_rows(self, T: int, sigmas: torch.Tensor | None = None) -> list[Schedule]:
+        """The schedule of each batch row of a generation of ``T`` steps (one, shared, unless ``row_schedules``)."""
+        if self.row_schedules is None:
+            return [self.plan(T, sigmas)]
+        if self.row_schedules[0].T != T:
+            raise RecacheError(f"the row schedules are for T={self.row_schedules[0].T} steps, but this call runs {T}")
+        for schedule in self.row_schedules:
+            check_aligned_grid(schedule, sigmas)
+        return list(self.row_schedules)
 
     def plan(self, T: int, sigmas: torch.Tensor | None = None) -> Schedule:
         """The schedule of a generation of ``T`` steps on the sampler's grid ``sigmas`` (``T + 1`` values, when the
@@ -161,13 +195,14 @@ class _Stream:
         self.mechanisms = {"h": get_mechanism(mechanism), "e": get_mechanism(mechanism)}
         self.steps, self.recorded, self.has_e = steps, False, False
 
-    def record(self, step: int, h_in, h_out, e_in, e_out) -> None:
-        """Record a computed step's residuals; the state is sized by the first (streams may have no batch axis)."""
+    def record(self, step: int, h_in, h_out, e_in, e_out, rows=ALL) -> None:
+        """Record the residuals of a computed step's ``rows``; the state is sized by the first call's rows (streams
+        may have no batch axis)."""
         streams = (("h", h_in, h_out),) + ((("e", e_in, e_out),) if e_in is not None and e_out is not None else ())
         for key, x_in, x_out in streams:
             if not self.recorded or (key == "e" and not self.has_e):
                 self.mechanisms[key].reset(x_in.shape[0], self.steps)
-            self.mechanisms[key].record(step, ALL, x_in, x_out)
+            self.mechanisms[key].record(step, rows, x_in[rows], x_out[rows])
         self.has_e = self.has_e or len(streams) == 2
         self.recorded = True
 
@@ -179,7 +214,9 @@ class _ContextState(BaseState):
     def reset(self):
         self.position = self.level = self.schedule = self.record = self.stream = None
         self.streams: dict[tuple[int, int], _Stream] = {}  # (expert, call index inside the step) -> its state
-        self.mask: list[bool] = []  # the generation's plan, as it goes (a pass may move to where an expert starts)
+        self.masks: torch.Tensor | None = None  # (rows, T): the generation's plans, as it goes (a pass may move to
+        self.planned: torch.Tensor | None = None  # where an expert starts); the rows' plans at this call's step
+        self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
 
@@ -242,6 +279,9 @@ class _BlockHook(ModelHook):
             if st.h_in is None:
                 h, e = _io(self.meta, args, kwargs)  # clone: a block may write its input in place
                 st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)
+                _split_rows(st)
+            if st.cached_rows is not None:
+                return self._forward_rows(st, args, kwargs)
             out = self.fn_ref.original_forward(*args, **kwargs)
             st.h_out, st.e_out = _outputs(self.meta, out)
             return out
@@ -251,15 +291,91 @@ class _BlockHook(ModelHook):
             h, e = _fill(st, h, e)
         return _pack(self.meta, h, e)
 
+    def _forward_rows(self, st: _ContextState, args, kwargs):
+        """A step where only some rows compute: the others start the stack from their estimate and pass through
+        every block. The computing rows run the block alone when its arguments can be cut to them (every tensor
+        with the call's batch rows is sliced; one with a multiple of them, such as a mask repeated per head, cannot
+        be); otherwise the block runs on every row and the cached rows keep their input (ours: the union's cost)."""
+        h, e = _io(self.meta, args, kwargs)
+        if not st.filled:  # the first block: the cached rows take their estimate of the stack's output
+            st.filled = True
+            h, e = _fill(st, h, e, st.cached_rows)
+        batch = h.shape[0]
+        args, kwargs = _put(self.meta, args, kwargs, self.meta.hidden_states_argument_name, h)
+        if e is not None:
+            args, kwargs = _put(self.meta, args, kwargs, self.meta.encoder_hidden_states_argument_name, e)
+        if _sliceable((args, kwargs), batch):
+            rows = st.computed_rows
+            out = self.fn_ref.original_forward(*(_rows_of(a, rows, batch) for a in args),
+                                               **{k: _rows_of(v, rows, batch) for k, v in kwargs.items()})
+            h_new, e_new = _outputs(self.meta, out)
+            h_out = h.index_copy(0, rows, h_new)
+            e_out = e.index_copy(0, rows, e_new) if e is not None and e_new is not None else e_new
+        else:
+            rows = st.cached_rows
+            h_out, e_out = _outputs(self.meta, self.fn_ref.original_forward(*args, **kwargs))
+            h_out = h_out.index_copy(0, rows, h[rows])
+            e_out = e_out.index_copy(0, rows, e[rows]) if e is not None and e_out is not None else e_out
+        st.h_out, st.e_out = h_out, e_out
+        return _pack(self.meta, h_out, e_out)
+
+
+def _rows_of(value, rows: torch.Tensor, batch: int):
+    """``value``'s batch rows ``rows`` when it is a tensor with ``batch`` rows (or a tuple or list holding some);
+    anything else (rotary embeddings, masks without a batch axis, flags) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() and value.shape[0] == batch else value
+    if type(value) in (tuple, list):
+        return type(value)(_rows_of(v, rows, batch) for v in value)
+    return value
+
+
+def _sliceable(value, batch: int) -> bool:
+    """Whether no tensor in ``value`` (nested in tuples, lists and dicts) has a multiple of ``batch`` rows other than
+    ``batch`` itself (a batch repeated per head or per branch, which slicing rows would break)."""
+    if isinstance(value, torch.Tensor):
+        return not (value.dim() and value.shape[0] != batch and value.shape[0] % batch == 0)
+    items = value.values() if isinstance(value, dict) else value if type(value) in (tuple, list) else ()
+    return all(_sliceable(v, batch) for v in items)
+
+
+def _put(meta, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """The block call's arguments with ``name`` replaced by ``value`` (``_io`` found where it is)."""
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    at = meta._cached_parameter_indices[name]
+    return (*args[:at], value, *args[at + 1:]), kwargs
+
 
 @torch.compiler.disable
-def _fill(st: _ContextState, h: torch.Tensor, e: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The stack's estimated output on a cached step. Kept out of ``torch.compile``: traced, the step number and the
-    mechanism's history would be guarded on and recompile the model at every step."""
+def _split_rows(st: _ContextState) -> None:
+    """At a step where only some rows' schedules compute: which rows of the call compute and which take their
+    estimate (row ``r`` of a call follows plan ``r mod R``)."""
+    if st.planned is None or bool(st.planned.all()):
+        return
+    rows, plans = st.h_in.shape[0], len(st.planned)
+    if rows % plans:
+        raise RecacheError(f"a call of {rows} batch rows cannot follow {plans} row schedules: its batch must be a "
+                           "multiple of their number")
+    computes = st.planned.repeat(rows // plans).to(st.h_in.device)
+    st.computed_rows, st.cached_rows = computes.nonzero().squeeze(1), (~computes).nonzero().squeeze(1)
+
+
+@torch.compiler.disable
+def _fill(st: _ContextState, h: torch.Tensor, e: torch.Tensor | None,
+          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stack's estimated output on a cached step, for all rows or only ``rows`` (the others kept). Kept out of
+    ``torch.compile``: traced, the step number and the mechanism's history would be guarded on and recompile the
+    model at every step."""
     step = st.position.step
-    h = st.stream.mechanisms["h"].cached_pass(step, ALL, h, None, ())
+    if rows is None:
+        h = st.stream.mechanisms["h"].cached_pass(step, ALL, h, None, ())
+        if e is not None and st.stream.has_e:
+            e = st.stream.mechanisms["e"].cached_pass(step, ALL, e, None, ())
+        return h, e
+    h = h.index_copy(0, rows, st.stream.mechanisms["h"].cached_pass(step, rows, h[rows], None, ()))
     if e is not None and st.stream.has_e:
-        e = st.stream.mechanisms["e"].cached_pass(step, ALL, e, None, ())
+        e = e.index_copy(0, rows, st.stream.mechanisms["e"].cached_pass(step, rows, e[rows], None, ()))
     return h, e
 
 
@@ -321,14 +437,16 @@ class _CallHook(ModelHook):
         index = st.calls_in_step - 1
         if (self.expert, index) not in st.streams:
             self._new_stream(st, index)
-        st.stream, planned = st.streams[(self.expert, index)], st.mask[position.step]
-        st.compute, st.filled = planned or not st.stream.recorded, False
+        st.stream = st.streams[(self.expert, index)]
+        st.planned = st.masks[:, position.step] if st.stream.recorded else torch.ones(len(st.masks), dtype=torch.bool)
+        st.compute, st.filled, st.cached_rows, st.computed_rows = bool(st.planned.any()), False, None, None
         st.h_in = st.e_in = st.h_out = st.e_out = None
         if index > 0:
             st.record["extra_calls"] += 1
             st.record["extra_passes"] += int(st.compute)
         elif st.compute:
             st.record["computed_steps"].append(position.step)
+            st.record["row_passes"] = [n + int(p) for n, p in zip(st.record["row_passes"], st.planned, strict=True)]
         else:
             st.record["cached_steps"] += 1
 
@@ -337,33 +455,35 @@ class _CallHook(ModelHook):
         on a cached step (Wan 2.2's second expert), it computes and the next planned pass is dropped, so the
         generation still makes exactly ``k``; with no planned pass left, it is filled from another expert's cache."""
         step, others = st.position.step, [s for (e, i), s in st.streams.items() if i == index and s.recorded]
-        if index == 0 and others and not st.mask[step]:
-            later = next((j for j in range(step + 1, len(st.mask)) if st.mask[j]), None)
+        mask = st.masks[0]  # experts run one schedule for all rows (apply_recache refuses different row schedules)
+        if index == 0 and others and not mask[step]:
+            later = next((j for j in range(step + 1, len(mask)) if mask[j]), None)
             if later is None:
                 st.streams[(self.expert, index)] = others[-1]
                 st.record["filled_from_other_expert"] = step
                 return
-            st.mask[step], st.mask[later] = True, False
+            st.masks[:, step], st.masks[:, later] = True, False
             st.record["moved_passes"].append([later, step])
         st.streams[(self.expert, index)] = _Stream(self.config.mechanism, st.schedule.T)
 
     def _start(self, st: _ContextState, position: StepPosition) -> None:
-        T = position.steps or self.config.num_inference_steps or (
-            self.config.schedule.T if self.config.schedule is not None else None)
+        T = position.steps or self.config.num_inference_steps or self.config.fixed_steps
         if not T:
             raise RecacheError("cannot tell how many steps this call runs: pass num_inference_steps to "
                                "RecacheHookConfig (or use recache.enable on the pipeline)")
         check_blocks_not_compiled(self.model_name, self.blocks)
         sigmas = position.sigmas.detach().double().cpu() if position.sigmas is not None else None
-        schedule = self.config.plan(int(T), sigmas)  # refused here, the state of the last generation is untouched
+        schedules = self.config.plan_rows(int(T), sigmas)  # refused here, the last generation's state is untouched
         self._close(st)
         st.reset()
-        st.schedule, st.mask, st.calls_in_step = schedule, list(schedule.mask), 1
+        schedule = schedules[0]
+        st.schedule, st.masks, st.calls_in_step = schedule, torch.tensor([s.mask for s in schedules]), 1
         name = self.state_manager.context.name
         if name in self.stats.current:
             self.stats.finish()
         st.record = self.stats.current[name] = {
-            "T": schedule.T, "k": schedule.k, "computed_steps": [], "cached_steps": 0,
+            "T": schedule.T, "k": schedule.k if len(schedules) == 1 else [s.k for s in schedules],
+            "computed_steps": [], "cached_steps": 0, "row_passes": [0] * len(schedules),
             "source": schedule.metadata.get("source", "schedule"), "extra_calls": 0, "extra_passes": 0,
             "moved_passes": [],
             **{key: schedule.metadata[key] for key in ("fallback", "guard") if key in schedule.metadata}}
@@ -398,7 +518,8 @@ class _CallHook(ModelHook):
         stream, step = st.stream, st.position.step
         if st.compute and st.h_out is not None:
             self._check_residual(st)
-            stream.record(step, st.h_in, st.h_out, st.e_in, st.e_out)
+            rows = ALL if st.computed_rows is None else st.computed_rows
+            stream.record(step, st.h_in, st.h_out, st.e_in, st.e_out, rows)
         st.h_in = st.e_in = st.h_out = st.e_out = None
         if step == st.schedule.T - 1:  # the generation's last step: nothing of this stream is needed any more
             index = st.calls_in_step - 1
@@ -415,6 +536,9 @@ def apply_recache(transformer: torch.nn.Module | Sequence[torch.nn.Module], conf
     touched."""
     transformers = [transformer] if isinstance(transformer, torch.nn.Module) else list(transformer)
     stacks = [transformer_blocks(t) for t in transformers]
+    if config.row_schedules is not None and len(transformers) > 1 and len(set(config.row_schedules)) > 1:
+        raise RecacheError("different row schedules run on one denoiser; this pipeline has "
+                           f"{len(transformers)} (Wan 2.2's experts): give all rows one schedule")
     for t in transformers:
         _check_can_hook(t, config)
     state_manager, stats = _StateManager(_ContextState), RecacheStats(config.mechanism)

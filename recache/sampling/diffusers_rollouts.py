@@ -2,8 +2,9 @@
 embedded DiT (``DigitPipeline``): conditions are indices into a list of prompts, ``rollouts(conds, seeds)`` are the
 uncached outputs, ``rollout_rows`` the outputs under per-row compute masks, run through the recache hooks.
 
-Every sample has its own ``torch.Generator`` seeded by its seed, so it never depends on its batch. Rows that share
-a mask run in one pipeline call; the realised full passes are read from the hooks (every CFG branch must run k).
+Every sample has its own ``torch.Generator`` seeded by its seed, so it never depends on its batch. The rows of a
+batch run in one pipeline call, each by its own mask (the hooks' row schedules: at each step only the rows that
+compute run the blocks); the realised full passes of each row are read from the hooks (every CFG branch must run k).
 Outputs are the pipeline's final latents (``output_type="latent"``), or images when a reward needs them.
 """
 
@@ -50,6 +51,7 @@ class DiffusersRollouts:
     generate: Generate | None = None
     outputs_digits: bool = False  # outputs are (B, 1, 20, 20) digits: the digit classifier's reward applies
     name: str | None = None
+    max_rows: int | None = None  # the most rollouts one pipeline call carries (None: all of a batch; set it on a GPU)
 
     def __post_init__(self):
         for transformer in denoisers_of(self.pipe):  # supported transformers (Wan 2.2: both experts), or a clear error
@@ -123,24 +125,28 @@ class DiffusersRollouts:
     def rollout_rows(self, conds, seeds, masks: torch.Tensor,
                      mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ``i`` samples ``prompts[conds[i]]`` from ``seeds[i]`` under ``masks[i]``; returns the outputs and each
-        row's realised full passes (per CFG branch)."""
+        row's realised full passes (per CFG branch, counted by the hooks). The rows run in one pipeline call (at most
+        ``max_rows`` a call), each by its own schedule (the hooks' row schedules); a pipeline with two experts
+        (Wan 2.2) runs one call per distinct schedule."""
         conds, seeds = self.check_pairs(conds, seeds), [int(s) for s in seeds]
         name = mechanism if isinstance(mechanism, str) else mechanism.name
+        masks = masks.bool()
+        groups = ([torch.arange(len(conds))] if len(denoisers_of(self.pipe)) == 1
+                  else [(masks == m).all(1).nonzero().squeeze(1) for m in torch.unique(masks, dim=0)])
         out, passes = None, torch.zeros(len(conds), dtype=torch.long)
-        for mask in torch.unique(masks.bool(), dim=0):
-            rows = (masks.bool() == mask).all(1).nonzero().squeeze(1).tolist()
-            config = RecacheHookConfig(schedule=Schedule(tuple(mask.tolist())), mechanism=name,
-                                       clock=pipeline_clock(self.pipe))
+        for rows in (c.tolist() for g in groups for c in g.split(self.max_rows or len(conds))):
+            config = RecacheHookConfig(row_schedules=[Schedule(tuple(masks[r].tolist())) for r in rows],
+                                       mechanism=name, clock=pipeline_clock(self.pipe))
             stats = apply_recache(denoisers_of(self.pipe), config)
             try:
                 images = self._run([conds[r] for r in rows], [seeds[r] for r in rows])
             finally:
                 remove_recache(denoisers_of(self.pipe))
-            realised = {len(r["computed_steps"]) for call in stats.calls + [stats.current] for r in call.values()}
+            realised = {tuple(r["row_passes"]) for call in stats.calls + [stats.current] for r in call.values()}
             if len(realised) != 1:
                 raise RuntimeError(f"CFG branches realised different budgets {sorted(realised)}")
             out = images.new_empty((len(conds), *images.shape[1:])) if out is None else out
-            out[rows], passes[rows] = images, realised.pop()
+            out[rows], passes[rows] = images, torch.tensor(realised.pop())
         return out, passes
 
     def rollout(self, conds, seeds, schedules: list[Schedule],
