@@ -19,9 +19,11 @@ NUM_CLASSES = 10
 CALIBRATION_PAIRS = 32  # (class, seed) pairs a threshold heuristic is calibrated on, seeds 0..31
 
 
-def heldout_pairs(per_class: int = HELDOUT_PER_CLASS) -> tuple[torch.Tensor, list[int]]:
-    """The held-out (class, seed) pairs: ``per_class`` of each digit, seeds ``HELDOUT_SEED_BASE + j``."""
-    classes = torch.arange(NUM_CLASSES).repeat(per_class)
+def heldout_pairs(per_class: int = HELDOUT_PER_CLASS,
+                  num_conditions: int = NUM_CLASSES) -> tuple[torch.Tensor, list[int]]:
+    """The held-out (condition, seed) pairs: ``per_class`` of each digit (or prompt of a pipeline), seeds
+    ``HELDOUT_SEED_BASE + j``."""
+    classes = torch.arange(num_conditions).repeat(per_class)
     return classes, [HELDOUT_SEED_BASE + j for j in range(len(classes))]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -173,3 +174,62 @@ def test_cli_pipeline_needs_prompts_and_a_loadable_pipeline(saved_pipeline, tmp_
     assert main(["train", "--trainer", "reinforce", "--prompts", str(saved_pipeline / "prompts.txt"),
                  "--out", str(tmp_path / "t")]) == 2
     assert "need --pipeline" in capsys.readouterr().err
+
+
+def test_cli_sample_on_a_saved_pipeline_and_on_mnist_flux(saved_pipeline, tmp_path, capsys):
+    common = ["sample", "--pipeline", str(saved_pipeline / "tinyflux"), "--steps", "4", "--height", "32",
+              "--width", "32"]
+    assert main([*common, "--prompt", "a cat", "--budget", "2", "--out", str(tmp_path / "cat.png")]) == 0
+    assert "1 image(s) x 4 steps, realised full passes per CFG branch: 2 (taylorseer" in capsys.readouterr().out
+    assert (tmp_path / "cat.png").stat().st_size > 0
+    assert main([*common, "--prompts", str(saved_pipeline / "prompts.txt"), "--out", str(tmp_path / "two.png")]) == 0
+    assert "2 image(s) x 4 steps, realised full passes per CFG branch: 4, 4 (uncached)" in capsys.readouterr().out
+    assert main(["sample", "--pipeline", "mnist-flux", "--prompt", "3", "--budget", "5x",
+                 "--out", str(tmp_path / "three.png")]) == 0
+    assert "1 image(s) x 50 steps, realised full passes per CFG branch: 10 (taylorseer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--prompt", " "], "--prompt is empty"),
+    (["--prompt", "a", "--prompts", "p.txt"], "give --prompt or --prompts, not both"),
+    (["--prompt", "a", "--classes", "3"], "--classes draw\\(s\\) the embedded model's digits"),
+    ([], "needs a prompts file .* also takes --prompt TEXT"),
+    (["--prompt", "a", "--mechanism", "delta", "--budget", "2"], "mechanism 'delta' cannot run on a diffusers"),
+])
+def test_cli_sample_bad_input_on_a_pipeline(saved_pipeline, tmp_path, capsys, extra, message):
+    code = main(["sample", "--pipeline", str(saved_pipeline / "tinyflux"), "--steps", "4", *extra,
+                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()  # checked before the pipeline loads: nothing but the one line
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_eval_on_a_saved_pipeline_and_on_mnist_flux(saved_pipeline, tmp_path, capsys):
+    code = main(["eval", "--pipeline", str(saved_pipeline / "tinyflux"),
+                 "--prompts", str(saved_pipeline / "prompts.txt"), "--steps", "4", "--height", "32", "--width", "32",
+                 "--budgets", "2", "--mechanisms", "reuse", "--per-class", "2", "--timing-runs", "0",
+                 "--out", str(tmp_path / "e")])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "e" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["seed"] for r in rows} == {900_000, 900_001, 900_002, 900_003}  # held-out seeds
+    assert all(r["full_passes"] == 2 and 0 < r["rel_l2"] < 1 and "feature_distance" not in r for r in rows)
+    assert "| uniform | reuse | 2 / 4 | 2 |" in capsys.readouterr().out
+    (tmp_path / "digits.txt").write_text("3\n7\n")
+    assert main(["eval", "--pipeline", "mnist-flux", "--prompts", str(tmp_path / "digits.txt"), "--budgets", "10",
+                 "--mechanisms", "taylorseer", "--per-class", "2", "--timing-runs", "0",
+                 "--out", str(tmp_path / "m")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "m" / "rows.jsonl").read_text().splitlines()]
+    assert [r["class"] for r in rows] == [0, 1, 0, 1] and all(r["full_passes"] == 10 for r in rows)
+    assert sum(r["class_correct"] for r in rows) >= 3  # the digit classifier scores prompts "3" and "7" as 3 and 7
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--mechanisms", "delta"], "mechanism\\(s\\) delta cannot run on a diffusers pipeline"),
+    (["--heuristics", "teacache"], "--heuristics: the threshold heuristics run on the embedded model only"),
+])
+def test_cli_eval_bad_input_on_a_pipeline(saved_pipeline, tmp_path, capsys, extra, message):
+    code = main(["eval", "--pipeline", str(saved_pipeline / "tinyflux"),
+                 "--prompts", str(saved_pipeline / "prompts.txt"), *extra, "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "e").exists()

@@ -1,5 +1,6 @@
 """``recache eval``: methods (uniform, schedule files, learned policies, calibrated heuristics) x mechanisms x budgets
-against the uncached output on the held-out protocol: JSONL rows, a Markdown report and PNG plots."""
+against the uncached output on the held-out protocol, on the embedded model or a diffusers pipeline (``--pipeline``
+with a prompts file: each prompt with held-out seeds): JSONL rows, a Markdown report and PNG plots."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from recache import distributed
 from recache.cli.options import (
     add_model_options,
     add_nproc_option,
+    add_pipeline_options,
     add_policy_options,
     batch_int,
     budget_list,
     check_writable,
     heuristic_list,
     load_policy,
+    load_sampler,
     load_schedule,
     mechanism_list,
     nonnegative_int,
@@ -27,10 +30,9 @@ from recache.evaluation.compare import heuristic_methods, markdown_report, run_c
 from recache.evaluation.evaluate import Method
 from recache.evaluation.report import markdown_table
 from recache.io import write_text
-from recache.mechanisms import MECHANISMS
+from recache.mechanisms import HOOK_MECHANISMS, MECHANISMS
 from recache.policies.heuristics import HEURISTICS
 from recache.protocol import BUDGETS, CALIBRATION_PAIRS, calibration_pairs, heldout_pairs
-from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule, check_budget
 
 
@@ -39,8 +41,8 @@ def add_parser(sub) -> None:
     add_model_options(p, seed_help=None)
     p.add_argument("--budgets", type=budget_list, default=list(BUDGETS),
                    help="uniform-schedule budgets (default: 5,7,10,14,20)")
-    p.add_argument("--mechanisms", type=mechanism_list, default=list(MECHANISMS),
-                   help="comma-separated, or all (default)")
+    p.add_argument("--mechanisms", type=mechanism_list, default=None,
+                   help="comma-separated, or all (default: all; on a pipeline, those that run as hooks)")
     p.add_argument("--schedule", action="append", default=[], help="also evaluate this schedule file (repeatable)")
     p.add_argument("--policy", action="append", default=[],
                    help="also evaluate a trained policy (folder or shipped name) at every budget, "
@@ -61,7 +63,9 @@ def add_parser(sub) -> None:
     p.add_argument("--pairs", choices=("heldout", "calibration"), default="heldout",
                    help="held-out seeds (default), or the calibration seeds policies are trained on, "
                         "to see overfitting")
-    p.add_argument("--per-class", type=batch_int, default=10, help="held-out pairs per class (default: 10)")
+    p.add_argument("--per-class", type=batch_int, default=10,
+                   help="held-out pairs per class, or per prompt with --pipeline (default: 10)")
+    add_pipeline_options(p)
     p.add_argument("--timing-runs", type=nonnegative_int, default=3,
                    help="same-run timings per row for the speed-up; 0 skips (default: 3)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
@@ -80,8 +84,24 @@ def guard_notes(name: str, schedules: list[Schedule]) -> list[str]:
                      "between the trained ones)"] if unchecked else [])
 
 
+def load_eval_sampler(args: argparse.Namespace):
+    """The embedded model, or (``--pipeline``) the pipeline's images in [-1, 1] (the digits of mnist-flux)."""
+    if args.pipeline is None:
+        args.mechanisms = args.mechanisms or list(MECHANISMS)
+        return load_sampler(args)
+    args.mechanisms = args.mechanisms or list(HOOK_MECHANISMS)
+    if not_hooks := [m for m in args.mechanisms if m not in HOOK_MECHANISMS]:
+        raise RecacheError(f"mechanism(s) {', '.join(not_hooks)} cannot run on a diffusers pipeline; choose from "
+                           f"{', '.join(HOOK_MECHANISMS)}")
+    if args.heuristics:
+        raise RecacheError("--heuristics: the threshold heuristics run on the embedded model only")
+    pipe = load_sampler(args, output_type="pt")
+    pipe.signed = True
+    return pipe
+
+
 def run(args: argparse.Namespace) -> int:
-    pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
+    pipe = load_eval_sampler(args)
     for k in args.budgets:
         check_budget(k, pipe.steps)
     out = Path(args.out)
@@ -105,15 +125,16 @@ def run(args: argparse.Namespace) -> int:
         found, notes = heuristic_methods(args.heuristics, args.budgets, pipe, args.mechanisms, out / "calibrations",
                                          args.calibration_pairs)
         methods += found
-    classes, seeds = (heldout_pairs(args.per_class) if args.pairs == "heldout"
-                      else calibration_pairs(10 * args.per_class))
+    n = pipe.num_conditions
+    classes, seeds = (heldout_pairs(args.per_class, n) if args.pairs == "heldout"
+                      else calibration_pairs(n * args.per_class, num_conditions=n))
     result = run_comparison(pipe, methods, out, classes, seeds, args.timing_runs, resume=args.resume,
                             clear=args.overwrite)
     if not distributed.is_main():
         return 0
-    intro = (f"{pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs; metrics against the uncached output "
-             f"from the same noise and class. Uncached sampling of the {len(seeds)} pairs took "
-             f"{result['reference_seconds']:.2f} s.")
+    intro = (f"{args.pipeline or pipe.model_id}, T = {pipe.steps}, {len(seeds)} {args.pairs} pairs; metrics against "
+             f"the uncached output from the same noise and {'class' if pipe.outputs_digits else 'prompt'}. Uncached "
+             f"sampling of the {len(seeds)} pairs took {result['reference_seconds']:.2f} s.")
     write_text(out / "summary.md", markdown_report(result, "Evaluation", intro, notes))
     for note in notes:
         print(f"note: {note}")

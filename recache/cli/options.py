@@ -184,8 +184,8 @@ def add_nproc_option(parser: argparse.ArgumentParser) -> None:
 def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
     """The embedded ``DigitPipeline`` (``--model``), or ``DiffusersRollouts`` for ``--pipeline``."""
     if args.pipeline is None:
-        if args.prompts is not None or args.height is not None or args.width is not None:
-            raise RecacheError("--prompts, --height and --width need --pipeline")
+        if given := given_options(args, tuple(n for n in ("prompt", "prompts", "height", "width") if hasattr(args, n))):
+            raise RecacheError(f"{', '.join(given)}: these options need --pipeline")
         return DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     if args.model != "mnist-dit" or args.sigmas is not None:
         raise RecacheError("--pipeline replaces --model and --sigmas (a pipeline brings its own scheduler); "
@@ -196,7 +196,13 @@ def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
         raise RecacheError(f"mechanism {args.mechanism!r} cannot run on a diffusers pipeline; "
                            f"choose one of {', '.join(HOOK_MECHANISMS)}")
 
-    return load_rollouts(args.pipeline, args.prompts, args.steps, args.height, args.width, args.guidance, output_type)
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None and args.prompts is not None:
+        raise RecacheError("give --prompt or --prompts, not both")
+    if prompt is not None and not prompt.strip():
+        raise RecacheError("--prompt is empty; give the text to draw")
+    return load_rollouts(args.pipeline, args.prompts, args.steps, args.height, args.width, args.guidance, output_type,
+                         prompts=[{"prompt": prompt}] if prompt is not None else None)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:

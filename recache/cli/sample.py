@@ -1,4 +1,5 @@
-"""``recache sample``: draw a grid of digits, uncached or under a budget (``--budget`` / ``--schedule``)."""
+"""``recache sample``: draw a grid of digits, or a diffusers pipeline's images for prompts (``--pipeline``),
+uncached or under a budget (``--budget`` / ``--schedule`` / ``--policy``), with the realised passes and the time."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import torch
 
 from recache.cli.options import (
     add_model_options,
+    add_pipeline_options,
     add_schedule_options,
     batch_int,
     check_writable_file,
     digit_classes,
+    given_options,
+    load_sampler,
     resolve_schedule,
 )
-from recache.sampling.pipeline import DigitPipeline
+from recache.errors import RecacheError
 from recache.viz import image_format, save_image_grid
 
 
@@ -24,9 +28,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample digits (uncached, or with a budget and a mechanism) and save a PNG grid")
     add_model_options(p)
     add_schedule_options(p)
-    p.add_argument("--classes", type=digit_classes, default=list(range(10)),
-                   help="digits to draw, e.g. 3,7 (default: all)")
-    p.add_argument("--per-class", type=batch_int, default=8, help="samples per class (default: 8)")
+    p.add_argument("--classes", type=digit_classes, default=None, help="digits to draw, e.g. 3,7 (default: all)")
+    p.add_argument("--per-class", type=batch_int, default=None, help="samples per class (default: 8)")
+    add_pipeline_options(p)
+    p.add_argument("--prompt", default=None, help="with --pipeline: the text to draw (or --prompts FILE, one each)")
     p.add_argument("--out", default="samples.png", help="output image, .png or .jpg (default: samples.png)")
     p.set_defaults(run=run)
 
@@ -34,7 +39,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable_file(Path(args.out))  # before any sampling: a bad --out must not cost the work
     image_format(args.out)
-    pipe = DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
+    if args.pipeline is not None and (given := given_options(args, ("classes", "per_class"))):
+        raise RecacheError(f"{', '.join(given)} draw(s) the embedded model's digits; with --pipeline give "
+                           "--prompt TEXT or --prompts FILE")
+    pipe = load_sampler(args, output_type="pt")
+    if args.pipeline is not None:
+        return run_pipeline(args, pipe)
+    args.classes, args.per_class = args.classes or list(range(10)), args.per_class or 8
     schedule, mechanism = resolve_schedule(args, pipe)
     classes = torch.tensor(args.classes).repeat_interleave(args.per_class)
     seeds = [args.seed + i for i in range(len(classes))]
@@ -49,4 +60,24 @@ def run(args: argparse.Namespace) -> int:
     save_image_grid(grid, args.out, nrow=len(args.classes))
     print(f"{len(classes)} samples x {pipe.steps} steps, realised full passes per sample: {passes.float().mean():g} "
           f"({how}), guidance {pipe.guidance:g}: {seconds:.2f} s -> {args.out}")
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace, rollouts) -> int:
+    """One image per prompt from a diffusers pipeline (seeds ``--seed`` on), through the hooks when a budget is given;
+    prints each CFG branch's realised full passes (counted by the hooks) and the wall time."""
+    schedule, mechanism = resolve_schedule(args, rollouts)
+    n = rollouts.num_conditions
+    conds, seeds = list(range(n)), [args.seed + i for i in range(n)]
+    start = time.perf_counter()
+    if schedule is None:
+        images, passes, how = rollouts(conds, seeds), torch.full((n,), rollouts.steps), "uncached"
+    else:
+        images, passes = rollouts.rollout_rows(conds, seeds, schedule.as_tensor().expand(n, -1), mechanism)
+        how = f"{mechanism}, {schedule.metadata.get('source', 'schedule')} schedule, computed steps {schedule.steps}"
+    seconds = time.perf_counter() - start
+    images = images if rollouts.outputs_digits else images * 2 - 1  # a pipeline's "pt" images are in [0, 1]
+    save_image_grid(images, args.out, nrow=min(n, 8), scale=4 if rollouts.outputs_digits else 1)
+    print(f"{n} image(s) x {rollouts.steps} steps, realised full passes per CFG branch: "
+          f"{', '.join(map(str, passes.tolist()))} ({how}): {seconds:.2f} s -> {args.out}")
     return 0

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from recache import distributed
 from recache.errors import RecacheError
-from recache.evaluation.evaluate import METRICS, Method, evaluate, make_reference
+from recache.evaluation.evaluate import METRICS, Method, evaluate, make_reference, metrics_of
 from recache.evaluation.plots import (
     plot_quality_vs_budget,
     plot_quality_vs_cost,
@@ -99,7 +99,7 @@ def _compare(pipe, methods: list[Method], keys: list[tuple], out: Path, classes:
     rows: list[dict] = []
     if resume:
         rows = distributed.on_main(lambda: _previous_rows(out, keys, classes, seeds, identity))
-    classifier = load_classifier()
+    classifier = load_classifier() if getattr(pipe, "outputs_digits", True) else None  # digits: the embedded model
     ref = make_reference(pipe, classifier, classes, seeds)
     done = {_key(r["policy"], r["mechanism"], r["k"]) for r in rows}
     try:
@@ -153,7 +153,7 @@ def _previous_rows(out: Path, keys: list[tuple], classes: torch.Tensor, seeds: l
             if name in r and r[name] != value:
                 raise RecacheError(f"{out} was evaluated with {name} {r[name]!r}, not {value!r}; resume with the "
                                    f"same {name}, or choose another --out")
-        if (all(k in r for k in ("class", "seed", "full_passes", *identity, *METRICS))
+        if (all(k in r for k in ("class", "seed", "full_passes", *identity, *METRICS[:3]))
                 and isinstance(r.get("policy"), str) and isinstance(r.get("mechanism"), str)
                 and isinstance(r.get("k"), int)
                 and isinstance(r["class"], int) and isinstance(r["seed"], int)):
@@ -272,7 +272,8 @@ def _cell(e: dict, metric: str) -> str:
 def markdown_report(result: dict, title: str, intro: str, notes: Sequence[str] = (),
                     costs: dict[str, str] | None = None) -> str:
     """The comparison as Markdown: headline, notes, full table, paired comparisons and the plots."""
-    entries, head = headline(result["rows"], result["budgets"], costs=costs)
+    entries, head = (headline(result["rows"], result["budgets"], costs=costs)
+                     if "feature_distance" in metrics_of(result["rows"]) else ([], ""))
     text = f"# {title}\n\n{intro}\n\n"
     if head:  # only when uniform, a heuristic and ReCache were all evaluated at some budget
         text += f"## Headline: classifier feature distance to the uncached sample (lower is better)\n\n{head}\n"

@@ -14,10 +14,17 @@ from recache import distributed
 from recache.metrics import classifier_scores, psnr, relative_l2, ssim
 from recache.models.classifier import DigitClassifier
 from recache.policies.heuristics import OnlineHeuristic
+from recache.sampling.interface import sample_with
 from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
 
 METRICS = ("rel_l2", "psnr", "ssim", "feature_distance", "class_correct")
+DIGIT_METRICS = ("feature_distance", "class_correct")  # the digit classifier's: only where the outputs are digits
+
+
+def metrics_of(entries: list[dict]) -> list[str]:
+    """The metrics these rows or summary entries carry (a diffusers pipeline's images have no digit metrics)."""
+    return [m for m in METRICS if entries and m in entries[0]]
 
 
 @dataclass
@@ -37,7 +44,7 @@ class Method:
         counted while sampling are the schedule's."""
         if self.heuristic is not None:
             return pipe.sample_online(self.heuristic, classes, seeds)
-        images, passes = pipe.sample_with(self.schedule, self.mechanism, classes, seeds)
+        images, passes = sample_with(pipe, self.schedule, self.mechanism, classes, seeds)
         if not bool((passes == self.schedule.k).all()):
             raise RuntimeError(f"realised full passes {passes.tolist()} differ from the schedule's "
                                f"k = {self.schedule.k}")
@@ -60,7 +67,8 @@ class Reference:
     classes: torch.Tensor
     seeds: list[int]
     images: torch.Tensor
-    features: torch.Tensor
+    features: torch.Tensor | None  # None where the outputs are not digits
+    labels: torch.Tensor | None  # the digit each condition draws (a pipeline's prompt "3" is condition 0 of "3, 7")
     seconds: float
     flops_per_sample: float
     first_classes: torch.Tensor
@@ -84,7 +92,7 @@ def measure_speedup(pipe: DigitPipeline, method: Method, batch: int = 16, runs: 
     """Wall-clock speed-up over uncached sampling of ``batch`` images: the median of ``runs`` same-run ratios,
     each pairing one uncached and one cached run back to back, so drifts of the machine's speed cancel.
     Also returns the median cached time in seconds."""
-    classes, seeds = torch.arange(batch) % 10, list(range(batch))
+    classes, seeds = torch.arange(batch) % pipe.num_conditions, list(range(batch))
     ratios, times = [], []
     for _ in range(runs):
         start = time.perf_counter()
@@ -100,10 +108,10 @@ def measure_speedup(pipe: DigitPipeline, method: Method, batch: int = 16, runs: 
 FLOP_PAIRS = 10  # FLOPs are counted on the first pairs (one per class in the held-out order)
 
 
-def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: torch.Tensor,
+def make_reference(pipe: DigitPipeline, classifier: DigitClassifier | None, classes: torch.Tensor,
                    seeds: list[int]) -> Reference:
     """The uncached reference of the pairs; under torchrun each rank samples its block, ``seconds`` is the slowest
-    rank's, and only rank 0 counts FLOPs (0 elsewhere)."""
+    rank's, and only rank 0 counts FLOPs (0 elsewhere). ``classifier`` is None for outputs that are not digits."""
     first_classes, first_seeds = classes[:FLOP_PAIRS], seeds[:FLOP_PAIRS]
     mine = distributed.shard(len(seeds))
     classes, seeds = classes[mine], seeds[mine]
@@ -111,16 +119,19 @@ def make_reference(pipe: DigitPipeline, classifier: DigitClassifier, classes: to
     images = pipe(classes, seeds)
     seconds = max(distributed.all_gather_objects(time.perf_counter() - start))
     with torch.no_grad():
-        features = classifier.features(images)
+        features = classifier.features(images) if classifier is not None else None
+    texts = pipe.condition_texts()
+    labels = torch.tensor([int(texts[int(c)]) for c in classes]) if classifier is not None else None
     flops = flops_per_sample(pipe, None, first_classes, first_seeds) if distributed.is_main() else 0
-    return Reference(classes, seeds, images, features, seconds, flops, first_classes, first_seeds)
+    return Reference(classes, seeds, images, features, labels, seconds, flops, first_classes, first_seeds)
 
 
-def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier) -> dict[str, torch.Tensor]:
+def score(images: torch.Tensor, ref: Reference, classifier: DigitClassifier | None) -> dict[str, torch.Tensor]:
     scores = {"rel_l2": relative_l2(images, ref.images), "psnr": psnr(images, ref.images),
               "ssim": ssim(images, ref.images)}
-    scores.update(classifier_scores(classifier, images, ref.classes, ref.features))
-    return {k: scores[k] for k in METRICS}
+    if classifier is not None:
+        scores.update(classifier_scores(classifier, images, ref.labels, ref.features))
+    return {k: scores[k] for k in METRICS if k in scores}
 
 
 def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, method: Method,
@@ -131,7 +142,7 @@ def evaluate(pipe: DigitPipeline, classifier: DigitClassifier, ref: Reference, m
     images, masks = method.sample(pipe, ref.classes, ref.seeds)
     passes = masks.sum(1)
     scores = score(images, ref, classifier)
-    probe = method.probe_depth / len(pipe.model.blocks)
+    probe = method.probe_depth / len(pipe.model.blocks) if method.probe_depth else 0.0
     rows = [{"class": int(c), "seed": int(s), "full_passes": int(p),
              "pass_equivalents": round(float(p + (pipe.steps - p) * probe), 4), "mask": [int(v) for v in m],
              **{k: round(float(v[i]), 6) for k, v in scores.items()}}

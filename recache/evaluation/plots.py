@@ -32,6 +32,7 @@ def plot_quality_vs_budget(summary: list[dict], path: str | os.PathLike,
                            metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
     """Colour = mechanism, line style = policy (solid for the first policy in sorted order, e.g. recache before
     uniform)."""
+    metrics = [m for m in metrics if m in summary[0]]  # a pipeline's images have no digit metrics
     lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in summary:
         lines[(e["policy"], e["mechanism"])].append(e)
@@ -129,6 +130,7 @@ def plot_quality_vs_cost(summary: list[dict], path: str | os.PathLike, x: str = 
                          metrics=("rel_l2", "feature_distance", "psnr", "ssim")) -> None:
     """One line per (policy, mechanism) across budgets, against the mean realised full passes (``x="realised_k"``)
     or the measured wall-clock speed-up (``x="speedup"``); error bars = standard error over the pairs."""
+    metrics = [m for m in metrics if m in summary[0]]  # a pipeline's images have no digit metrics
     lines: dict[str, list[dict]] = defaultdict(list)
     for e in summary:
         if e.get(x) is not None:

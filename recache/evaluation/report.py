@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from recache.evaluation.evaluate import METRICS
+from recache.evaluation.evaluate import METRICS, metrics_of
 from recache.metrics import mean_and_se
 
 LOWER_IS_BETTER = {"rel_l2": True, "psnr": False, "ssim": False, "feature_distance": True, "class_correct": False}
@@ -25,7 +25,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                  "realised_k": sum(passes) / len(rs), "realised_k_min": min(passes), "realised_k_max": max(passes),
                  "pass_equivalents": sum(r.get("pass_equivalents", r["full_passes"]) for r in rs) / len(rs),
                  "flops_reduction": rs[0]["flops_reduction"], "speedup": rs[0]["speedup"]}
-        for m in METRICS:
+        for m in metrics_of(rs):
             entry[m], entry[m + "_se"] = mean_and_se(torch.tensor([r[m] for r in rs]))
         out.append(entry)
     return sorted(out, key=lambda e: (e["k"], e["mechanism"], e["policy"]))
@@ -36,9 +36,9 @@ def markdown_table(summary: list[dict]) -> str:
             "SSIM | feature dist. | class acc. |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for e in summary:
-        cells = [f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr" else f"{e[m]:.2f} ± {e[m + '_se']:.2f}"
-                 for m in METRICS[:-1]]
-        cells.append(f"{e['class_correct']:.1%}")
+        cells = [("n/a" if m not in e else f"{e[m]:.4f} ± {e[m + '_se']:.4f}" if m != "psnr"
+                  else f"{e[m]:.2f} ± {e[m + '_se']:.2f}") for m in METRICS[:-1]]
+        cells.append(f"{e['class_correct']:.1%}" if "class_correct" in e else "n/a")
         spread = "" if e["realised_k_min"] == e["realised_k_max"] else f" ({e['realised_k_min']}-{e['realised_k_max']})"
         lines.append(f"| {e['policy']} | {e['mechanism']} | {e['k']} / {e['T']} | {e['realised_k']:.4g}{spread} | "
                      f"{e['pass_equivalents']:.4g} | {e['flops_reduction']:.2f}x | "
@@ -50,6 +50,7 @@ def paired_comparison(rows: list[dict], baseline: str = "uniform",
                       metrics=("rel_l2", "feature_distance")) -> list[dict]:
     """Every other policy against ``baseline`` at the same mechanism and k, paired over the same (class, seed):
     mean difference (policy - baseline), its paired standard error, and a verdict at two standard errors."""
+    metrics = [m for m in metrics if m in metrics_of(rows)]
     by_key = defaultdict(dict)
     for r in rows:
         by_key[(r["policy"], r["mechanism"], r["k"])][(r["class"], r["seed"])] = r
@@ -71,6 +72,7 @@ def paired_comparison(rows: list[dict], baseline: str = "uniform",
 
 
 def markdown_paired_table(comparison: list[dict], metrics=("rel_l2", "feature_distance")) -> str:
+    metrics = [m for m in metrics if m in comparison[0]] if comparison else list(metrics)
     head = ("| policy | mechanism | k | "
             + " | ".join(f"{m}: baseline -> policy (paired diff ± SE)" for m in metrics) + " |\n")
     head += "|---" * (3 + len(metrics)) + "|\n"

@@ -52,6 +52,7 @@ class DiffusersRollouts:
     outputs_digits: bool = False  # outputs are (B, 1, 20, 20) digits: the digit classifier's reward applies
     name: str | None = None
     max_rows: int | None = None  # the most rollouts one pipeline call carries (None: all of a batch; set it on a GPU)
+    signed: bool = False  # images (output_type "pt") mapped from [0, 1] to [-1, 1], the package's convention (eval)
 
     def __post_init__(self):
         for transformer in denoisers_of(self.pipe):  # supported transformers (Wan 2.2: both experts), or a clear error
@@ -100,6 +101,8 @@ class DiffusersRollouts:
         finally:
             for handle in handles:
                 handle.remove()
+        if self.signed and self.output_type == "pt" and not self.outputs_digits:
+            out = out * 2 - 1
         bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().squeeze(1).tolist()
         if first_bad or bad:
             where = (f"the transformer's output at sampler step {first_bad[0]} of {self.steps}" if first_bad
@@ -179,19 +182,21 @@ def _digit_flux_rollouts(name: str, prompts: list[dict] | None, steps: int | Non
 
 def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | None = None, height: int | None = None,
                   width: int | None = None, guidance: float | None = None,
-                  output_type: str = "latent") -> DiffusersRollouts:
+                  output_type: str = "latent", prompts: list[dict] | None = None) -> DiffusersRollouts:
     """``--pipeline DIR_OR_ID`` with ``--prompts FILE``: the shipped digit FLUX (``mnist-flux``, prompts are digits,
     all ten by default) or any diffusers pipeline with a supported transformer (``DiffusionPipeline.from_pretrained``;
-    offline, a hub id must already be in the local cache). ``steps`` defaults to the pipeline's own default."""
+    offline, a hub id must already be in the local cache). ``steps`` defaults to the pipeline's own default.
+    ``prompts`` (pipeline keyword arguments, one dict each) may be given instead of the file."""
     import inspect
 
-    prompts = load_prompts(prompts_file) if prompts_file is not None else None
+    prompts = load_prompts(prompts_file) if prompts_file is not None else prompts
     if pipeline == "mnist-flux" or (Path(pipeline) / "recache.json").exists():
         if height is not None or width is not None:
             raise RecacheError(f"{pipeline} draws 20x20 digits: --height and --width do not apply to it")
         return _digit_flux_rollouts(pipeline, prompts, steps, guidance)
     if prompts is None:
-        raise RecacheError(f"pipeline {pipeline} needs a prompts file (--prompts FILE: .txt, .jsonl or .csv)")
+        raise RecacheError(f"pipeline {pipeline} needs a prompts file (--prompts FILE: .txt, .jsonl or .csv; "
+                           "recache sample also takes --prompt TEXT)")
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 

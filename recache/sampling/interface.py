@@ -41,6 +41,13 @@ class Sampler(Protocol):
         """Row ``i``: pair ``i`` under ``masks[i]``; the outputs and each row's realised full passes."""
 
 
+def sample_with(pipe: Sampler, schedule: Schedule, mechanism: str | Mechanism, conds,
+                seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached samples under one schedule, and each sample's realised full passes (counted while sampling)."""
+    out, passes = pipe.rollout(conds, seeds, [schedule], mechanism)
+    return out[0], passes[0]
+
+
 def sampler_identity(pipe: Sampler) -> dict:
     """What a result was made on: model, T, sigma grid and guidance. Training checkpoints, search settings and
     evaluation rows record it, and a resume must match it."""

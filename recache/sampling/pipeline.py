@@ -15,6 +15,7 @@ from recache.models.pretrained import load_dit, read_config
 from recache.protocol import check_pairs
 from recache.sampling.cached import masks_of, sample_cached
 from recache.sampling.euler import GuidedVelocity
+from recache.sampling.interface import sample_with
 from recache.sampling.online import sample_online
 from recache.sampling.rollouts import sample_rollouts
 from recache.sampling.sigmas import get_sigmas
@@ -133,5 +134,4 @@ class DigitPipeline:
     def sample_with(self, schedule: Schedule, mechanism: str | Mechanism, classes,
                     seeds) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached samples (B, C, H, W) under one schedule, and each sample's realised full passes."""
-        out, passes = self.rollout(classes, seeds, [schedule], mechanism)
-        return out[0], passes[0]
+        return sample_with(self, schedule, mechanism, classes, seeds)
