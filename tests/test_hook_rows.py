@@ -35,10 +35,10 @@ def run(transformer, name, config, batch) -> tuple[torch.Tensor, dict]:
 @pytest.mark.parametrize("name", ROWS)
 def test_each_row_equals_the_run_of_its_schedule_alone(name, mechanism):
     """Five rows: the blocks run on the computing rows alone (the models' block arguments slice; PriorTransformer's
-    per-head mask does not, so it runs the union). Two rows: most models have an even token count, whose rotary
-    embeddings could be rows, so they run the union."""
+    per-head mask does not, so it runs the union). Two rows (with taylorseer): most models have an even token
+    count, whose rotary embeddings could be rows, so they run the union."""
     transformer = ZOO[name].build(0)
-    for schedules in (FIVE, [A, B]):
+    for schedules in (FIVE, [A, B]) if mechanism == "taylorseer" else (FIVE,):
         batch = len(schedules)
         rows, last = run(transformer, name, RecacheHookConfig(row_schedules=schedules, mechanism=mechanism), batch)
         for row, schedule in enumerate(schedules):
@@ -46,7 +46,7 @@ def test_each_row_equals_the_run_of_its_schedule_alone(name, mechanism):
             assert torch.allclose(rows[row], alone[row], atol=1e-5), (batch, row)
         record = next(iter(last.values()))
         assert record["row_passes"] == [s.k for s in schedules] and record["computed_steps"] == list(range(T))
-    assert not torch.allclose(rows[0], rows[1], atol=1e-5)  # the schedules do differ
+    assert not torch.allclose(rows[0], rows[1], atol=1e-5)  # the schedules do differ (A and B)
 
 
 def test_flux_cfg_branches_keep_their_rows_apart_and_passes_are_counted_per_row():
