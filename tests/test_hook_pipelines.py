@@ -184,3 +184,31 @@ def test_a_saved_wan_pipeline_loads_and_caches(tmp_path):
     finally:
         recache.disable(pipe)
 
+
+
+@pytest.mark.parametrize("mechanism", ["reuse", "taylorseer", "hicache"])
+def test_controlnet_residuals_are_added_once_on_cached_steps(mechanism):
+    """Blocks made the identity (their gates zeroed): the output is then the input plus the ControlNet residuals
+    the model adds between blocks. A cached step must add that step's residuals once, not again inside the
+    forecast of the blocks' residual (which is zero), so cached and uncached agree."""
+    from tiny_diffusers import euler_loop, tiny_flux_transformer, transformer_inputs
+
+    from recache.hooks import RecacheHookConfig, apply_recache, remove_recache
+
+    transformer = tiny_flux_transformer()
+    with torch.no_grad():
+        for block in transformer_blocks(transformer):
+            for norm in ("norm1", "norm1_context", "norm"):
+                if hasattr(block, norm):
+                    getattr(block, norm).linear.weight.zero_()
+                    getattr(block, norm).linear.bias.zero_()
+    g = torch.Generator().manual_seed(1)
+    inputs = {**transformer_inputs(transformer),
+              "controlnet_block_samples": [torch.randn(2, 16, 32, generator=g) for _ in range(2)],
+              "controlnet_single_block_samples": [torch.randn(2, 16, 32, generator=g) for _ in range(2)]}
+    reference = euler_loop(transformer, 8, inputs)
+    apply_recache(transformer, RecacheHookConfig(budget=3, mechanism=mechanism, num_inference_steps=8))
+    try:
+        assert torch.allclose(euler_loop(transformer, 8, inputs), reference, atol=1e-5)
+    finally:
+        remove_recache(transformer)

@@ -219,6 +219,7 @@ class _ContextState(BaseState):
         self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
+        self.added_h = self.added_e = None  # what the model added to the streams between blocks (ControlNet)
 
 
 class _StateManager(StateManager):
@@ -280,6 +281,8 @@ class _BlockHook(ModelHook):
                 h, e = _io(self.meta, args, kwargs)  # clone: a block may write its input in place
                 st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)
                 _split_rows(st)
+            else:
+                _note_additions(st, *_io(self.meta, args, kwargs))
             if st.cached_rows is not None:
                 return self._forward_rows(st, args, kwargs)
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -318,6 +321,16 @@ class _BlockHook(ModelHook):
             e_out = e_out.index_copy(0, rows, e[rows]) if e is not None and e_out is not None else e_out
         st.h_out, st.e_out = h_out, e_out
         return _pack(self.meta, h_out, e_out)
+
+
+def _note_additions(st: _ContextState, h: torch.Tensor, e: torch.Tensor | None) -> None:
+    """A block whose input is not the previous block's output got something added between them (ControlNet
+    residuals, Wan VACE's hints). Kept apart from the blocks' residual, so a cached step (where the model adds the
+    step's own) does not add them twice. Ours."""
+    if h is not st.h_out and h.shape == st.h_out.shape:
+        st.added_h = h - st.h_out if st.added_h is None else st.added_h + (h - st.h_out)
+    if e is not None and st.e_out is not None and e is not st.e_out and e.shape == st.e_out.shape:
+        st.added_e = e - st.e_out if st.added_e is None else st.added_e + (e - st.e_out)
 
 
 def _rows_of(value, rows: torch.Tensor, batch: int):
@@ -440,7 +453,7 @@ class _CallHook(ModelHook):
         st.stream = st.streams[(self.expert, index)]
         st.planned = st.masks[:, position.step] if st.stream.recorded else torch.ones(len(st.masks), dtype=torch.bool)
         st.compute, st.filled, st.cached_rows, st.computed_rows = bool(st.planned.any()), False, None, None
-        st.h_in = st.e_in = st.h_out = st.e_out = None
+        st.h_in = st.e_in = st.h_out = st.e_out = st.added_h = st.added_e = None
         if index > 0:
             st.record["extra_calls"] += 1
             st.record["extra_passes"] += int(st.compute)
@@ -519,8 +532,10 @@ class _CallHook(ModelHook):
         if st.compute and st.h_out is not None:
             self._check_residual(st)
             rows = ALL if st.computed_rows is None else st.computed_rows
-            stream.record(step, st.h_in, st.h_out, st.e_in, st.e_out, rows)
-        st.h_in = st.e_in = st.h_out = st.e_out = None
+            h_in = st.h_in if st.added_h is None else st.h_in + st.added_h  # the blocks' own residual only
+            e_in = st.e_in if st.added_e is None or st.e_in is None else st.e_in + st.added_e
+            stream.record(step, h_in, st.h_out, e_in, st.e_out, rows)
+        st.h_in = st.e_in = st.h_out = st.e_out = st.added_h = st.added_e = None
         if step == st.schedule.T - 1:  # the generation's last step: nothing of this stream is needed any more
             index = st.calls_in_step - 1
             st.streams = {key: s for key, s in st.streams.items() if key[1] != index and index != 0}
