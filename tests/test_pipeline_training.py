@@ -184,6 +184,9 @@ def test_cli_sample_on_a_saved_pipeline_and_on_mnist_flux(saved_pipeline, tmp_pa
     assert (tmp_path / "cat.png").stat().st_size > 0
     assert main([*common, "--prompts", str(saved_pipeline / "prompts.txt"), "--out", str(tmp_path / "two.png")]) == 0
     assert "2 image(s) x 4 steps, realised full passes per CFG branch: 4, 4 (uncached)" in capsys.readouterr().out
+    assert main([*common, "--prompt", "a cat", "--budget", "2", "--dtype", "bfloat16", "--device", "cpu",
+                 "--out", str(tmp_path / "bf16.png")]) == 0  # a pipeline in bfloat16: outputs come back in float32
+    assert "realised full passes per CFG branch: 2 (taylorseer" in capsys.readouterr().out
     assert main(["sample", "--pipeline", "mnist-flux", "--prompt", "3", "--budget", "5x",
                  "--out", str(tmp_path / "three.png")]) == 0
     assert "1 image(s) x 50 steps, realised full passes per CFG branch: 10 (taylorseer" in capsys.readouterr().out

@@ -170,6 +170,11 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="with --pipeline: image height (default: the pipeline's)")
     parser.add_argument("--width", type=positive_int, default=None,
                         help="with --pipeline: image width (default: the pipeline's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="with --pipeline: the dtype it runs in (default: float32; bfloat16 on a GPU for FLUX)")
+    parser.add_argument("--device", default=None,
+                        help="with --pipeline: where it runs, e.g. cuda, cuda:1 or cpu (default: this rank's GPU "
+                             "if there is one, else the CPU)")
 
 
 def add_nproc_option(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +189,8 @@ def add_nproc_option(parser: argparse.ArgumentParser) -> None:
 def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
     """The embedded ``DigitPipeline`` (``--model``), or ``DiffusersRollouts`` for ``--pipeline``."""
     if args.pipeline is None:
-        if given := given_options(args, tuple(n for n in ("prompt", "prompts", "height", "width") if hasattr(args, n))):
+        names = ("prompt", "prompts", "height", "width", "dtype", "device")
+        if given := given_options(args, tuple(n for n in names if hasattr(args, n))):
             raise RecacheError(f"{', '.join(given)}: these options need --pipeline")
         return DigitPipeline.from_pretrained(args.model, steps=args.steps, guidance=args.guidance, sigmas=args.sigmas)
     if args.model != "mnist-dit" or args.sigmas is not None:
@@ -202,7 +208,8 @@ def load_sampler(args: argparse.Namespace, output_type: str = "latent"):
     if prompt is not None and not prompt.strip():
         raise RecacheError("--prompt is empty; give the text to draw")
     return load_rollouts(args.pipeline, args.prompts, args.steps, args.height, args.width, args.guidance, output_type,
-                         prompts=[{"prompt": prompt}] if prompt is not None else None)
+                         prompts=[{"prompt": prompt}] if prompt is not None else None, dtype=args.dtype,
+                         device=args.device)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:

@@ -101,6 +101,7 @@ class DiffusersRollouts:
         finally:
             for handle in handles:
                 handle.remove()
+        out = out.float().cpu()  # scored on the CPU in float32, whatever the pipeline runs in
         if self.signed and self.output_type == "pt" and not self.outputs_digits:
             out = out * 2 - 1
         bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().squeeze(1).tolist()
@@ -180,30 +181,49 @@ def _digit_flux_rollouts(name: str, prompts: list[dict] | None, steps: int | Non
                                                                      num_inference_steps=T))
 
 
+def check_device(name: str) -> torch.device:
+    """A device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or one clear error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecacheError(f"device {name!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise RecacheError(f"device {name!r} is not available here ({torch.cuda.device_count()} CUDA GPU(s))")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RecacheError(f"device {name!r} is not available here (no Apple GPU)")
+    return device
+
+
 def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | None = None, height: int | None = None,
-                  width: int | None = None, guidance: float | None = None,
-                  output_type: str = "latent", prompts: list[dict] | None = None) -> DiffusersRollouts:
+                  width: int | None = None, guidance: float | None = None, output_type: str = "latent",
+                  prompts: list[dict] | None = None, dtype: str | None = None,
+                  device: str | None = None) -> DiffusersRollouts:
     """``--pipeline DIR_OR_ID`` with ``--prompts FILE``: the shipped digit FLUX (``mnist-flux``, prompts are digits,
     all ten by default) or any diffusers pipeline with a supported transformer (``DiffusionPipeline.from_pretrained``;
     offline, a hub id must already be in the local cache). ``steps`` defaults to the pipeline's own default.
-    ``prompts`` (pipeline keyword arguments, one dict each) may be given instead of the file."""
+    ``prompts`` (pipeline keyword arguments, one dict each) may be given instead of the file. ``dtype`` (float32,
+    bfloat16 or float16) and ``device`` (default: this rank's GPU, else the CPU) say how a pipeline runs."""
     import inspect
 
     prompts = load_prompts(prompts_file) if prompts_file is not None else prompts
     if pipeline == "mnist-flux" or (Path(pipeline) / "recache.json").exists():
         if height is not None or width is not None:
             raise RecacheError(f"{pipeline} draws 20x20 digits: --height and --width do not apply to it")
+        if dtype not in (None, "float32") or device not in (None, "cpu"):
+            raise RecacheError(f"{pipeline} runs in float32 on the CPU: --dtype and --device do not apply to it")
         return _digit_flux_rollouts(pipeline, prompts, steps, guidance)
     if prompts is None:
         raise RecacheError(f"pipeline {pipeline} needs a prompts file (--prompts FILE: .txt, .jsonl or .csv; "
                            "recache sample also takes --prompt TEXT)")
+    device = check_device(device) if device is not None else distributed.device()  # before the long load
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its warnings while it fails are noise beside our one line
     try:
-        pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)  # never pickled .bin weights
+        pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True,  # never pickled .bin weights
+                                                 torch_dtype=getattr(torch, dtype) if dtype else None)
     except Exception as e:  # a missing folder, an id not in the offline cache, a broken model_index.json
         reason = (str(e).splitlines() or [""])[0].split(" (")[0]
         raise RecacheError(f"pipeline {pipeline!r} cannot be loaded ({type(e).__name__}: {reason})") from None
@@ -212,7 +232,7 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
     if not hasattr(pipe, "transformer"):
         raise RecacheError(f"pipeline {pipeline!r} ({type(pipe).__name__}) has no transformer to cache")
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(distributed.device())  # this rank's GPU under torchrun, the GPU or CPU otherwise
+    pipe.to(device)
     if steps is None:
         steps = inspect.signature(pipe.__call__).parameters.get(
             "num_inference_steps", inspect.Parameter("n", 1, default=28)).default
