@@ -181,6 +181,21 @@ def _digit_flux_rollouts(name: str, prompts: list[dict] | None, steps: int | Non
                                                                      num_inference_steps=T))
 
 
+def check_prompt_lengths(pipe, prompts: list[dict]) -> None:
+    """A prompt longer than the pipeline's longest-context tokenizer allows would be cut by every text encoder:
+    refused, naming it (a prompt that only the shorter CLIP encoder cuts, as FLUX's, is the pipeline's normal)."""
+    tokenizers = [t for name in ("tokenizer", "tokenizer_2", "tokenizer_3") if (t := getattr(pipe, name, None))]
+    if not tokenizers:
+        return
+    longest = max(tokenizers, key=lambda t: t.model_max_length)
+    for number, prompt in enumerate(prompts, 1):
+        for key in ("prompt", "negative_prompt"):
+            text = prompt.get(key)
+            if isinstance(text, str) and (n := len(longest(text).input_ids)) > longest.model_max_length:
+                raise RecacheError(f"{key} {number} ({text[:30]!r}...) has {n} tokens, more than the "
+                                   f"{longest.model_max_length} the pipeline's text encoders take")
+
+
 def check_device(name: str) -> torch.device:
     """A device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or one clear error."""
     try:
@@ -231,6 +246,7 @@ def load_rollouts(pipeline: str, prompts_file: str | None = None, steps: int | N
         diffusers_logging.set_verbosity(verbosity)
     if not hasattr(pipe, "transformer"):
         raise RecacheError(f"pipeline {pipeline!r} ({type(pipe).__name__}) has no transformer to cache")
+    check_prompt_lengths(pipe, prompts)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if steps is None:
