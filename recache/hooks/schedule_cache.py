@@ -256,9 +256,10 @@ def _pack(meta, h, e):
 
 class _BlockHook(ModelHook):
     """On a computing call: runs the block (the first block to run keeps the stack's input, every block leaves its
-    output, so the last one run gives the stack's output, whichever layers a call skips). On a cached call: the
-    first block reached returns its input plus the mechanism's estimate of the stack residual, the others pass
-    their input through."""
+    output, so the last one run gives the stack's output, whichever layers a call skips; what the model adds between
+    blocks is noted). On a cached call: the first block reached returns its input plus the mechanism's estimate of
+    the stack residual, the others pass their input through. A call whose rows follow different schedules runs
+    ``_forward_rows`` at the steps where only some of them compute."""
 
     _is_stateful = True
 
