@@ -102,7 +102,7 @@ def test_image_reward_quality_needs_its_extra():
 
 
 @pytest.mark.parametrize(("name", "text"), [
-    ("p.txt", "a cat\n\na dog\n"),
+    ("p.txt", "a cat\na dog\n\n"),  # empty lines at the end are ignored
     ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"}\n'),
     ("p.csv", "prompt\na cat\na dog\n"),
 ])
@@ -113,6 +113,8 @@ def test_prompt_files(tmp_path, name, text):
 
 @pytest.mark.parametrize(("name", "text", "message"), [
     ("p.txt", "\n\n", "holds no prompts"),
+    ("p.txt", "a cat\n\na dog\n", "line 2 is empty; give one prompt per line"),
+    ("p.jsonl", '{"prompt": "a cat"}\n \n{"prompt": "a dog"}\n', "line 2 is empty"),
     ("p.jsonl", '{"prompt": "a cat"}\nnot json\n', "line 2 is not valid JSON"),
     ("p.jsonl", '{"prompt": "a cat", "seed": 3}\n', "unknown keys"),
     ("p.csv", "text\na cat\n", "needs a 'prompt' column"),

@@ -115,6 +115,7 @@ def make_bad_files(root: Path) -> None:
     (root / "settings-search" / "search.json").write_text(json.dumps({"search": {"k": 3, "mechanism": "taylorseer"}}))
     (root / "prompts.txt").write_text("3\n")
     (root / "empty.txt").write_text("")
+    (root / "gap.txt").write_text("3\n\n7\n")
     (root / "words.txt").write_text("a cat\n")
     (root / "bad.jsonl").write_text('{"prompt": "1"}\n{not json\n')
     make_misused_files(root)

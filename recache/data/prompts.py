@@ -29,6 +29,18 @@ def _checked(rows: list[dict], path: Path) -> list[dict]:
     return rows
 
 
+def _lines(text: str, path: Path) -> list[str]:
+    """The lines of a one-prompt-per-line file; an empty line before the last prompt is refused (it would shift the
+    conditions, which are numbered by line), empty lines at the end are ignored."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if (empty := next((i for i, line in enumerate(lines, start=1) if not line.strip()), None)) is not None:
+        raise RecacheError(f"prompts file {path}: line {empty} is empty; give one prompt per line, without empty "
+                           "lines (prompts are numbered by line)")
+    return lines
+
+
 def load_prompts(path: str | os.PathLike) -> list[dict]:
     """The prompts of a ``.txt``, ``.jsonl`` or ``.csv`` file as pipeline keyword arguments, in file order."""
     path = Path(path)
@@ -39,16 +51,16 @@ def load_prompts(path: str | os.PathLike) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise RecacheError(f"prompts file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _checked([{"prompt": line.strip()} for line in text.splitlines() if line.strip()], path)
-    if suffix == ".jsonl":
+    if suffix in (".txt", ".jsonl"):
+        lines = _lines(text, path)
+        if suffix == ".txt":
+            return _checked([{"prompt": line.strip()} for line in lines], path)
         rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RecacheError(f"prompts file {path}: line {i} is not valid JSON ({e.msg})") from None
+        for i, line in enumerate(lines, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RecacheError(f"prompts file {path}: line {i} is not valid JSON ({e.msg})") from None
         return _checked(rows, path)
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
