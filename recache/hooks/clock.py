@@ -28,7 +28,7 @@ import torch
 class StepPosition:
     """``call`` names the generation (compared by identity), ``step`` is the call's 0-based step in it, ``steps``
     its step count (None when the caller does not say), ``from_pipeline`` whether a scheduler said so, ``sigmas``
-    the grid it runs (a reference to the scheduler's tensor, read only when a generation starts)."""
+    the grid it runs (given at a call's first step, where a generation starts; a view of the scheduler's tensor)."""
 
     call: object
     step: int
@@ -55,7 +55,7 @@ def pipeline_clock(pipe) -> Clock | None:
         begin = getattr(scheduler, "begin_index", None) or 0
         index = scheduler.step_index
         step, steps = (0 if index is None else index - begin), len(timesteps) - begin
-        sigmas = getattr(scheduler, "sigmas", None)
+        sigmas = getattr(scheduler, "sigmas", None) if step == 0 else None  # the grid is read where a call starts
         grid = sigmas[begin:] if isinstance(sigmas, torch.Tensor) and len(sigmas) == len(timesteps) + 1 else None
         return StepPosition(timesteps, step, steps, from_pipeline=True, sigmas=grid) if 0 <= step < steps else None
 
