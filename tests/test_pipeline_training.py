@@ -240,13 +240,12 @@ def test_cli_eval_bad_input_on_a_pipeline(saved_pipeline, tmp_path, capsys, extr
     assert not (tmp_path / "e").exists()
 
 
-def test_a_prompt_longer_than_the_text_encoders_take_is_one_line(tmp_path, capsys):
+def test_a_prompt_longer_than_the_text_encoders_take_is_refused():
+    from recache.sampling.diffusers_rollouts import check_prompt_lengths
+
     pipe = tiny_flux_pipeline()
     pipe.tokenizer_2.model_max_length = 64  # the tiny T5 tokenizer has no limit of its own; CLIP's is 77
-    pipe.save_pretrained(tmp_path / "pipe")
-    (tmp_path / "long.txt").write_text("a cat\n" + "a" * 100 + "\n")
-    code = main(["search", "--pipeline", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "long.txt"),
-                 "--budget", "2", "--steps", "4", "--out", str(tmp_path / "s")])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and "prompt 2 ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'...) has 102 tokens, more than the 77" in err, err
-    assert not (tmp_path / "s").exists()
+    check_prompt_lengths(pipe, [{"prompt": "a" * 75}])  # longer than the T5 limit, within CLIP's: the pipeline's
+    with pytest.raises(RecacheError, match=r"prompt 2 \('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'...\) has 102 tokens, "
+                                           "more than the 77"):
+        check_prompt_lengths(pipe, [{"prompt": "a cat"}, {"prompt": "a" * 100}])
