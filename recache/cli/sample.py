@@ -67,6 +67,7 @@ def run_pipeline(args: argparse.Namespace, rollouts) -> int:
     """One image per prompt from a diffusers pipeline (seeds ``--seed`` on), through the hooks when a budget is given;
     prints each CFG branch's realised full passes (counted by the hooks) and the wall time."""
     schedule, mechanism = resolve_schedule(args, rollouts)
+    rollouts.signed = True  # images in [-1, 1], as the grid takes them
     n = rollouts.num_conditions
     conds, seeds = list(range(n)), [args.seed + i for i in range(n)]
     start = time.perf_counter()
@@ -76,7 +77,6 @@ def run_pipeline(args: argparse.Namespace, rollouts) -> int:
         images, passes = rollouts.rollout_rows(conds, seeds, schedule.as_tensor().expand(n, -1), mechanism)
         how = f"{mechanism}, {schedule.metadata.get('source', 'schedule')} schedule, computed steps {schedule.steps}"
     seconds = time.perf_counter() - start
-    images = images if rollouts.outputs_digits else images * 2 - 1  # a pipeline's "pt" images are in [0, 1]
     save_image_grid(images, args.out, nrow=min(n, 8), scale=4 if rollouts.outputs_digits else 1)
     print(f"{n} image(s) x {rollouts.steps} steps, realised full passes per CFG branch: "
           f"{', '.join(map(str, passes.tolist()))} ({how}): {seconds:.2f} s -> {args.out}")

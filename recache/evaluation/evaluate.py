@@ -19,7 +19,6 @@ from recache.sampling.pipeline import DigitPipeline
 from recache.schedule import Schedule
 
 METRICS = ("rel_l2", "psnr", "ssim", "feature_distance", "class_correct")
-DIGIT_METRICS = ("feature_distance", "class_correct")  # the digit classifier's: only where the outputs are digits
 
 
 def metrics_of(entries: list[dict]) -> list[str]:
