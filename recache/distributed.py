@@ -23,6 +23,7 @@ import torch.distributed as dist
 from recache.errors import RecacheError
 
 TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a rank that is alive but stuck (torch's default)
+_stopped: list[str] = []  # the launcher's SIGTERM, once it came: the next collective raises it if it was swallowed
 
 
 class RankLost(RecacheError):
@@ -36,6 +37,7 @@ def init() -> bool:
         return False
     if not dist.is_initialized():
         signal.signal(signal.SIGTERM, _stopped_by_launcher)
+        sys.unraisablehook = _quiet_when_stopped
         _stop_with_launcher()
         nccl = torch.cuda.is_available() and dist.is_nccl_available()
         if nccl:
@@ -69,7 +71,16 @@ def check_nproc(nproc: int) -> None:
 
 
 def _stopped_by_launcher(signum, frame):
-    raise RankLost(f"rank {rank()} was stopped by the launcher (SIGTERM): another rank failed or the run was cancelled")
+    _stopped.append(f"rank {rank()} was stopped by the launcher (SIGTERM): "
+                    "another rank failed or the run was cancelled")
+    raise RankLost(_stopped[-1])
+
+
+def _quiet_when_stopped(unraisable) -> None:
+    """A SIGTERM that lands in a finalizer (tqdm closing a bar, a weakref callback) cannot stop the rank there: Python
+    would print its traceback as "Exception ignored" and go on. Keep that quiet; the next collective raises it."""
+    if not isinstance(unraisable.exc_value, RankLost):
+        sys.__unraisablehook__(unraisable)
 
 
 def barrier() -> None:
@@ -121,6 +132,8 @@ def block(n: int, r: int, w: int) -> slice:
 
 def _collective(name: str, op, tensor: torch.Tensor | None = None):
     """Run a collective; a rank lost on the way becomes ``RankLost`` (gloo reports it as a RuntimeError)."""
+    if _stopped:
+        raise RankLost(_stopped[-1])
     on = tensor.to(_wire()) if tensor is not None else None
     try:
         op(on) if on is not None else op()

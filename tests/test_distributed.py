@@ -170,6 +170,34 @@ def _start_training(tmp_path: Path, updates: int = 60) -> tuple[subprocess.Popen
     return launcher, argv
 
 
+def test_a_stop_that_lands_in_a_finalizer_is_quiet_and_raised_by_the_next_collective(monkeypatch, capsys):
+    """The launcher's SIGTERM can arrive while tqdm closes a bar in a finalizer, where Python cannot raise: it used to
+    print a traceback there (a CI run caught it). Now it is quiet, and the rank stops at its next collective."""
+    monkeypatch.setattr(distributed, "_stopped", [])
+    monkeypatch.setattr(sys, "unraisablehook", distributed._quiet_when_stopped)
+
+    class ClosesWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the finalizer
+
+    previous = signal.signal(signal.SIGTERM, distributed._stopped_by_launcher)
+    try:
+        ClosesWhenCollected()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(distributed.RankLost, match="rank 0 was stopped by the launcher"):
+        distributed._collective("barrier", lambda: None)
+
+    class FailsWhenCollected:
+        def __del__(self):
+            raise ValueError("another error")
+
+    FailsWhenCollected()
+    assert "ValueError: another error" in capsys.readouterr().err  # other errors are still printed
+
+
 def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
     launcher, _ = _start_training(tmp_path, updates=100_000)  # far more than it can run in the minute it is given
     workers = [_worker(launcher.pid, rank) for rank in (0, 1)]
