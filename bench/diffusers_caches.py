@@ -42,12 +42,12 @@ from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConf
 import recache  # noqa: E402
 from recache.io import write_text  # noqa: E402
 from recache.metrics.fidelity import psnr, relative_l2  # noqa: E402
-from recache.metrics.paired import mean_and_se  # noqa: E402
+from recache.metrics.paired import mean_and_se, paired_difference  # noqa: E402
 from recache.models.flux_digits import FluxDigitsPipeline  # noqa: E402
 from recache.models.pretrained import load_classifier  # noqa: E402
-from recache.policies import ReCachePolicy  # noqa: E402
 from recache.policies.budcache import SCHEDULE, SearchConfig, search_schedule  # noqa: E402
 from recache.policies.cost_table import plan_from_calibration  # noqa: E402
+from recache.policies.noise_level import load_policy  # noqa: E402
 from recache.protocol import calibration_pairs, heldout_pairs  # noqa: E402
 from recache.sampling.diffusers_rollouts import load_rollouts  # noqa: E402
 from recache.schedule import Schedule  # noqa: E402
@@ -73,6 +73,11 @@ class PassCounter:
 
 def ours(schedule: Schedule, mechanism: str):
     return lambda pipe: recache.enable(pipe, schedule=schedule, mechanism=mechanism), recache.disable
+
+
+def learned(policy, k: int):
+    """The policy through ``recache.enable``, as a user runs it: it plans for the grid the scheduler reports."""
+    return lambda pipe: recache.enable(pipe, k, policy=policy), recache.disable
 
 
 def theirs(config):
@@ -157,6 +162,7 @@ def evaluate(name, family, setup, digits, counter, classes, seeds, reference, re
     for metric, values in (("rel_l2", relative_l2(images, reference)), ("psnr", psnr(images, reference)),
                            ("feature_distance", distance)):
         row[metric], row[metric + "_se"] = mean_and_se(values)
+        row[metric + "_pairs"] = values.tolist()
     print(f"  {name:<44} passes {passes:5.1f}  rel-L2 {row['rel_l2']:.4f}  "
           f"feature distance {row['feature_distance']:.3f}  {row['speedup']:.2f}x", flush=True)
     return row
@@ -171,7 +177,21 @@ def table(rows: list[dict], T: int) -> str:
                      f"{r['rel_l2']:.4f} ± {r['rel_l2_se']:.4f} | {r['psnr']:.1f} | "
                      f"{r['feature_distance']:.3f} ± {r['feature_distance_se']:.3f} | {r['seconds']:.2f} | "
                      f"{r['speedup']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + paired(rows)
+
+
+def paired(rows: list[dict]) -> str:
+    """ReCache's rel-L2 minus each other recache schedule's at the same budget, on the same pairs (± paired SE;
+    negative: ReCache is closer to the uncached output)."""
+    lines = ["", "| budget | ReCache rel-L2 minus | difference ± paired SE | in SE |", "|---|---|---|---|"]
+    for k in dict.fromkeys(r["budget"] for r in rows):
+        at_k = {r["method"]: r for r in rows if r["budget"] == k}
+        mine = at_k.get("ReCache learned / taylorseer")
+        for name, other in at_k.items() if mine else ():
+            if other["family"] == "recache" and other is not mine and "taylorseer" in name:
+                diff, se = paired_difference(torch.tensor(mine["rel_l2_pairs"]), torch.tensor(other["rel_l2_pairs"]))
+                lines.append(f"| {k} | {name} | {diff:+.4f} ± {se:.4f} | {diff / max(se, 1e-12):+.1f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -228,7 +248,7 @@ def methods_at_budget(k, args, digits, counter, policy, ratios, cal_classes, cal
         ("uniform / taylorseer", "recache", lambda: ours(Schedule.uniform(T, k), "taylorseer")),
         ("BudCache searched / taylorseer", "recache", lambda: ours(searched_schedule(k, args, T), "taylorseer")),
         ("path plan / taylorseer", "recache", lambda: ours(planned_schedule(k, args, T), "taylorseer")),
-        ("ReCache learned / taylorseer", "recache", lambda: ours(policy.schedule(k), "taylorseer")),
+        ("ReCache learned / taylorseer", "recache", lambda: learned(policy, k)),
         ("FirstBlockCache", "diffusers", lambda: FirstBlockCacheConfig(threshold=bisect(
             lambda t: FirstBlockCacheConfig(threshold=t)))),
         ("MagCache", "diffusers", lambda: magcache(bisect(magcache, hi=8.0))),
@@ -256,7 +276,7 @@ def searched_schedule(k: int, args, T: int) -> Schedule:
     if (search_dir / SCHEDULE).exists():
         return Schedule.load(search_dir / SCHEDULE, T=T)
     config = SearchConfig(k=k, mechanism="taylorseer", pairs=args.search_pairs, hc_iters=5)
-    return search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir)[0]
+    return search_schedule(config, load_rollouts("mnist-flux", steps=T), search_dir, resume=True)[0]
 
 
 def planned_schedule(k: int, args, T: int) -> Schedule:
@@ -286,7 +306,7 @@ def main() -> None:
     base = statistics.median(uncached)
     print(f"mnist-flux, T = {T}, guidance {digits.guidance}, {len(seeds)} held-out pairs; "
           f"uncached {base:.2f} s (median of {args.runs})")
-    policy = ReCachePolicy.from_pretrained(args.policy, T=T)
+    policy = load_policy(args.policy)
     ratios = mag_ratios(digits, cal_classes, cal_seeds)
     rows = []
     for k in [int(b) for b in args.budgets.split(",")]:

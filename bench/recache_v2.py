@@ -9,6 +9,8 @@
 
     .venv/bin/python bench/recache_v2.py [--mechanisms taylorseer,hicache] [--policy mnist-dit-{mechanism}]
         [--searches runs/bench/path_planning] [--out runs/bench/recache_v2]
+    .venv/bin/python bench/recache_v2.py --pipeline mnist-flux --mechanisms taylorseer \
+        --policy mnist-flux-taylorseer --out runs/bench/recache_v2_flux      # part 3 on the diffusers FLUX
 
 Writes results.jsonl and recache_v2.md into --out.
 """
@@ -27,8 +29,9 @@ from recache.policies import load_policy
 from recache.policies.budcache import SearchConfig, search_schedule
 from recache.policies.cost_table import TABLE_PAIRS, plan_from_calibration
 from recache.protocol import BUDGETS, heldout_pairs
+from recache.sampling.diffusers_rollouts import load_rollouts
 from recache.sampling.pipeline import DigitPipeline
-from recache.sampling.sigmas import get_sigmas
+from recache.sampling.sigmas import fit_shift, get_sigmas
 from recache.schedule import Schedule
 
 GRIDS, STEPS = ("linear", "shifted:3", "shifted:2"), (20, 30, 50)
@@ -76,16 +79,26 @@ def iso_quality(pipe, mechanism: str, policy, heldout, rows: list) -> list[str]:
     return lines
 
 
-def grids(base: DigitPipeline, mechanism: str, policy, heldout_classes, heldout_seeds, rows: list) -> list[str]:
+def on_grid(base, T: int, grid: str, classes, seeds):
+    """The sampler of ``base`` for ``T`` steps on ``grid``, its uncached outputs and the grid it ran (a diffusers
+    pipeline's from its scheduler)."""
+    if isinstance(base, DigitPipeline):
+        pipe = DigitPipeline(base.model, get_sigmas(grid, T), base.guidance, base.model_id, grid)
+        return pipe, pipe(classes, seeds), pipe.sigmas
+    pipe = base.with_grid(T, fit_shift(get_sigmas(grid, T))[0])
+    reference = pipe(classes, seeds)
+    return pipe, reference, pipe.called_sigmas()
+
+
+def grids(base, mechanism: str, policy, heldout_classes, heldout_seeds, rows: list) -> list[str]:
     lines = [f"| {mechanism} | T | grid | budgets | v2 better | tie | worse (> 2 SE) | guard: uniform kept | "
              "not checked |", "|---|---|---|---|---|---|---|---|---|"]
     for T in STEPS:
         for grid in GRIDS:
-            pipe = DigitPipeline(base.model, get_sigmas(grid, T), base.guidance, base.model_id, grid)
-            reference = pipe(heldout_classes, heldout_seeds)
+            pipe, reference, sigmas = on_grid(base, T, grid, heldout_classes, heldout_seeds)
             counts, kept, unchecked = {"better": 0, "tie": 0, "worse": 0}, [], []
             for k in policy.config.budgets(T):
-                learned = policy.schedule(k, sigmas=pipe.sigmas, allow_extrapolate=True)
+                learned = policy.schedule(k, sigmas=sigmas, allow_extrapolate=True)
                 e = errors(pipe, {"uniform": Schedule.uniform(T, k), "v2": learned}, mechanism, heldout_classes,
                            heldout_seeds, reference)
                 d, se = paired_difference(e["v2"], e["uniform"])
@@ -116,25 +129,32 @@ def main() -> None:
     p.add_argument("--mechanisms", default="taylorseer,hicache")
     p.add_argument("--policy", default="mnist-dit-{mechanism}", help="policy folder or name, {mechanism} filled in")
     p.add_argument("--searches", default="runs/bench/path_planning", help="BudCache searches and cost tables")
+    p.add_argument("--pipeline", default=None,
+                   help="a diffusers pipeline (mnist-flux): part 3 only, on the 50 held-out pairs of "
+                        "bench/diffusers_caches.py")
     p.add_argument("--out", default="runs/bench/recache_v2")
     args = p.parse_args()
     out, searches = Path(args.out), Path(args.searches)
     torch.manual_seed(0)
-    base = DigitPipeline.from_pretrained()
-    classes, seeds = heldout_pairs()
+    base = DigitPipeline.from_pretrained() if args.pipeline is None else load_rollouts(args.pipeline)
+    classes, seeds = heldout_pairs() if args.pipeline is None else heldout_pairs(5)
     heldout = (classes, seeds, base(classes, seeds))
     rows, best, iso, grid = [], [], [], []
     for mechanism in args.mechanisms.split(","):
         policy = load_policy(args.policy.format(mechanism=mechanism), mechanism=mechanism)
-        best += best_scheduler(base, mechanism, policy, searches, heldout, rows)
-        iso += iso_quality(base, mechanism, policy, heldout, rows)
+        if args.pipeline is None:
+            best += best_scheduler(base, mechanism, policy, searches, heldout, rows)
+            iso += iso_quality(base, mechanism, policy, heldout, rows)
         grid += grids(base, mechanism, policy, classes, seeds, rows)
         write_jsonl(out / "results.jsonl", rows)
-    mean, se = mean_and_se(torch.tensor([r["v2"] for r in rows if r["part"] == "best"]))
-    text = ["# ReCache v2 (bench/recache_v2.py)", "", "Held-out pairs (100), rel. L2 to the uncached output, paired "
-            "SE; differences are other - v2 (positive: v2 better).", "", "## Best scheduler, T = 50, linear", "",
-            *best, "", f"(v2 over these rows: mean rel. L2 {mean:.4f} ± {se:.4f})", "", "## Iso-quality", "", *iso,
-            "", "## Any grid, any T", "", *grid, ""]
+    text = [f"# ReCache v2 (bench/recache_v2.py{' --pipeline ' + args.pipeline if args.pipeline else ''})", "",
+            f"Held-out pairs ({len(seeds)}), rel. L2 to the uncached output, paired SE; differences are other - v2 "
+            "(positive: v2 better).", ""]
+    if best:
+        mean, se = mean_and_se(torch.tensor([r["v2"] for r in rows if r["part"] == "best"]))
+        text += ["## Best scheduler, T = 50, linear", "", *best, "", f"(v2 over these rows: mean rel. L2 {mean:.4f} "
+                 f"± {se:.4f})", "", "## Iso-quality", "", *iso, ""]
+    text += ["## Any grid, any T", "", *grid, ""]
     write_text(out / "recache_v2.md", "\n".join(text))
     print("\n".join(text))
 

@@ -67,6 +67,44 @@ def test_short_recache_training_runs_end_to_end(rollouts, tmp_path):
         recache.disable(rollouts.pipe)
 
 
+def test_v2_training_on_a_pipeline_trains_its_grids_and_plans_by_the_scheduler_s_grid(rollouts, tmp_path):
+    """The expert trainer on a diffusers pipeline: each trained shift is run by a copy of its scheduler (the
+    pipeline's own is left as it was), the settings record the fitted shifts, and ``recache.enable`` plans each call
+    for the grid its scheduler reports: a trained grid gets its learned schedule, another is refused in one line."""
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    from recache.policies.expert_iteration import ExpertConfig
+    from recache.policies.expert_training import train_noise_level
+    from recache.sampling.sigmas import get_sigmas
+
+    own = rollouts.pipe.scheduler
+    config = ExpertConfig(mechanism="reuse", steps=(6,), shifts=(1.0, 3.0), k_fraction=(0.3, 0.5), rounds=1,
+                          budgets_per_round=2, samples=1, neighbours=1, pairs=2, distil_steps=2, final_steps=3)
+    policy = train_noise_level(config, tmp_path / "v2", rollouts, progress=False)
+    assert rollouts.pipe.scheduler is own and own.config.shift == 1.0
+    assert policy.config.settings == [{"T": 6, "shift": 1.0}, {"T": 6, "shift": 3.0}]
+    assert policy.config.model == model_fingerprint(rollouts.pipe.transformer)
+    recache.enable(rollouts.pipe, budget=3, policy=tmp_path / "v2" / "policy")
+    try:
+        for shift in (1.0, 3.0):
+            rollouts.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+            rollouts.pipe(prompt="a cat", num_inference_steps=6, **CALL)
+            want = policy.schedule(3, sigmas=get_sigmas(f"shifted:{shift}", 6)).steps
+            assert recache.summary(rollouts.pipe).last["cond"]["computed_steps"] == want
+        rollouts.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+        with pytest.raises(RecacheError, match="a grid of shift 2 is outside the trained range"):
+            rollouts.pipe(prompt="a cat", num_inference_steps=6, **CALL)
+    finally:
+        recache.disable(rollouts.pipe)
+        rollouts.pipe.scheduler = own
+    rollouts.pipe.scheduler = EulerDiscreteScheduler()
+    try:
+        with pytest.raises(RecacheError, match="EulerDiscreteScheduler.* has no time shift to set per grid"):
+            rollouts.with_grid(6, 3.0)
+    finally:
+        rollouts.pipe.scheduler = own
+
+
 def test_short_budcache_search_runs_end_to_end(rollouts, tmp_path):
     schedule, history = search_schedule(SearchConfig(k=3, mechanism="taylorseer", pairs=2, sa_iters=3, hc_iters=1),
                                         rollouts, tmp_path / "search", progress=False)

@@ -155,11 +155,22 @@ def test_shipped_policies_load_for_the_embedded_model():
 
 
 def test_shipped_flux_policy_is_for_the_shipped_flux_model():
+    """v2, trained on the pipeline itself: exact k on every trained setting, T = 28 (FLUX's default) refused."""
     from recache.hooks import model_fingerprint
     from recache.models.flux_digits import load_flux_digits
+    from recache.policies import NoiseLevelPolicy, load_policy
+    from recache.sampling.sigmas import get_sigmas
 
-    transformer, _, meta = load_flux_digits()
-    policy = ReCachePolicy.from_pretrained("mnist-flux-taylorseer", T=meta["sampling"]["steps"],
-                                           model=model_fingerprint(transformer), mechanism="taylorseer")
-    assert [policy.schedule(k).k for k in range(policy.config.k_min, policy.config.k_max + 1)] == list(range(4, 21))
-    assert policy.schedule_for_steps(6, 28).k == 6  # FLUX's default step count, mapped
+    transformer, _, _ = load_flux_digits()
+    policy = load_policy("mnist-flux-taylorseer", model=model_fingerprint(transformer), mechanism="taylorseer")
+    assert isinstance(policy, NoiseLevelPolicy)
+    assert policy.config.settings == [{"T": T, "shift": s} for T in (20, 30, 50) for s in (1.0, 3.0)]
+    for setting in policy.config.settings:
+        sigmas = get_sigmas(f"shifted:{setting['shift']}", setting["T"])
+        budgets = policy.config.budgets(setting["T"])
+        assert [policy.schedule(k, sigmas=sigmas).k for k in budgets] == list(budgets)
+    with pytest.raises(RecacheError, match="T=28 is outside the trained range"):
+        policy.schedule_for_steps(6, 28)
+    assert policy.schedule_for_steps(6, 28, allow_extrapolate=True).k == 6
+
+

@@ -32,11 +32,9 @@ from recache.policies.expert_training import train_noise_level
 from recache.policies.noise_level import grid_name
 from recache.policies.reinforce import TrainConfig
 from recache.policies.training import LOG, POLICY, train_recache
-from recache.sampling.pipeline import DigitPipeline
 
 TRAINERS = ("expert", "reinforce")
-REINFORCE_OPTIONS = ("k_min", "k_max", "updates", "group", "entropy", "fidelity", "alpha", "pool", "pipeline",
-                     "prompts", "height", "width", "steps", "sigmas")
+REINFORCE_OPTIONS = ("k_min", "k_max", "updates", "group", "entropy", "fidelity", "alpha", "pool", "steps", "sigmas")
 EXPERT_OPTIONS = ("train_steps", "train_shifts", "rounds")
 
 
@@ -99,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
                           **{k: tuple(v) if isinstance(v, list) else v for k, v in named.items() if v is not None})
     out = Path(args.out)
     check_writable(out)
-    pipe = DigitPipeline.from_pretrained(args.model, guidance=args.guidance)
-    policy = train_noise_level(config, out, pipe, resume=args.resume)
+    policy = train_noise_level(config, out, load_sampler(args), resume=args.resume)
     plot_training_curve(read_jsonl(out / LOG), out / "training_curve.png", curves=EXPERT_CURVES, x="round")
     print(f"{'T':>4} {'grid':<10} {'budgets':<8} uniform kept (guard, {out / 'guard.json'})")
     for s in policy.config.settings:

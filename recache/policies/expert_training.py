@@ -25,8 +25,9 @@ from recache.policies.budcache import rollout_objective
 from recache.policies.expert_iteration import WARM_POWERS, ExpertConfig, distil, improve, power_steps
 from recache.policies.noise_level import NoiseLevelConfig, NoiseLevelPolicy, grid_name
 from recache.protocol import calibration_pairs
+from recache.sampling.interface import Sampler
 from recache.sampling.pipeline import DigitPipeline
-from recache.sampling.sigmas import get_sigmas
+from recache.sampling.sigmas import fit_shift, get_sigmas
 from recache.schedule import Schedule
 
 CHECKPOINT, LOG, POLICY, GUARD = "checkpoint.safetensors", "train_log.jsonl", "policy", "guard.json"
@@ -36,25 +37,25 @@ GUARD_PAIRS = 16
 @dataclass
 class _Setting:
     T: int
-    shift: float
-    pipe: DigitPipeline
+    shift: float  # the fitted shift of the grid the sampler runs
+    pipe: Sampler  # the sampler of this setting: its own T and grid
+    sigmas: torch.Tensor  # that grid, T + 1 values
     objective: object  # Steps list -> losses on the objective's calibration pairs
-    budgets: range
+    budgets: range = range(0)
 
 
-def train_noise_level(config: ExpertConfig, out: str | Path, pipe: DigitPipeline | None = None, resume: bool = False,
+def train_noise_level(config: ExpertConfig, out: str | Path, pipe: Sampler | None = None, resume: bool = False,
                       progress: bool = True) -> NoiseLevelPolicy:
-    """Train (or resume) a v2 policy on the embedded model's settings ``config.steps x config.shifts`` into ``out``
-    (module docstring). ``pipe`` gives the model and guidance; its own T and grid are not used."""
+    """Train (or resume) a v2 policy on the settings ``config.steps x config.shifts`` into ``out`` (module
+    docstring). ``pipe`` gives the model, guidance and conditions: the embedded model (default) or a diffusers
+    pipeline (``DiffusersRollouts``: its flow-matching scheduler is given each shift); its own T and grid are not
+    used."""
     out, pipe = Path(out), pipe or DigitPipeline.from_pretrained()
-    if not isinstance(pipe, DigitPipeline):
-        raise RecacheError("the v2 trainer runs on the embedded model, whose step count and grid it sets per "
-                           "setting; train a diffusers pipeline with --trainer reinforce")
-    policy = _new_policy(config, pipe)
+    settings = _settings(config, pipe)
+    policy = _new_policy(config, pipe, settings)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    settings = _settings(config, pipe, policy.config)
-    grids = [s.pipe.sigmas for s in settings]
+    grids = [s.sigmas for s in settings]
     with folder_lock(out):
         remove_stale_temporaries(out)
         first, log, memo = _restore(out, resume, config, policy, optimizer, generator)
@@ -82,27 +83,40 @@ def train_noise_level(config: ExpertConfig, out: str | Path, pipe: DigitPipeline
     return policy
 
 
-def _new_policy(config: ExpertConfig, pipe: DigitPipeline) -> NoiseLevelPolicy:
-    with torch.random.fork_rng():  # the initial weights depend on the run's seed only
+def _new_policy(config: ExpertConfig, pipe: Sampler, settings: list[_Setting]) -> NoiseLevelPolicy:
+    """The untrained policy (its weights depend on the run's seed only); fills in each setting's budgets."""
+    with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         training = {**asdict(config), "trainer": "expert-iteration", "guidance": pipe.guidance,
                     "library_version": __version__}
-        return NoiseLevelPolicy(NoiseLevelConfig(
-            settings=[{"T": T, "shift": float(s)} for T in config.steps for s in config.shifts],
-            k_fraction=list(config.k_fraction), hidden=config.hidden, model=pipe.model_id, mechanism=config.mechanism,
-            sigmas=pipe.sigma_schedule, training=training))
+        policy = NoiseLevelPolicy(NoiseLevelConfig(
+            settings=[{"T": s.T, "shift": s.shift} for s in settings], k_fraction=list(config.k_fraction),
+            hidden=config.hidden, model=pipe.model_id, mechanism=config.mechanism,
+            sigmas=pipe.sigma_schedule if isinstance(pipe, DigitPipeline) else grid_name(settings[0].shift),
+            training=training))
+    for s in settings:
+        s.budgets = policy.config.budgets(s.T)
+    return policy
 
 
-def _settings(config: ExpertConfig, pipe: DigitPipeline, policy_config: NoiseLevelConfig) -> list[_Setting]:
-    """One sampler and objective per trained (T, shift), on the calibration pairs ``0..pairs-1``."""
-    mechanism, (classes, seeds) = get_mechanism(config.mechanism), calibration_pairs(config.pairs)
+def _settings(config: ExpertConfig, pipe: Sampler) -> list[_Setting]:
+    """One sampler and objective per trained (T, shift), on the calibration pairs ``0..pairs-1``. A pipeline's grid
+    is read from its scheduler after the uncached call (the shift it records is the one fitted to that grid)."""
+    mechanism = get_mechanism(config.mechanism)
+    classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     settings = []
     for T in config.steps:
         for shift in config.shifts:
-            grid = DigitPipeline(pipe.model, get_sigmas(f"shifted:{shift}", T), pipe.guidance, pipe.model_id,
-                                 grid_name(shift))
-            objective = rollout_objective(grid, mechanism, classes, seeds, grid(classes, seeds))
-            settings.append(_Setting(T, float(shift), grid, objective, policy_config.budgets(T)))
+            if isinstance(pipe, DigitPipeline):
+                grid = DigitPipeline(pipe.model, get_sigmas(f"shifted:{shift}", T), pipe.guidance, pipe.model_id,
+                                     grid_name(shift))
+            else:
+                grid = pipe.with_grid(T, shift)
+            targets = grid(classes, seeds)
+            sigmas = grid.sigmas if isinstance(grid, DigitPipeline) else grid.called_sigmas()
+            fitted = float(shift) if isinstance(grid, DigitPipeline) else round(fit_shift(sigmas)[0], 6)
+            objective = rollout_objective(grid, mechanism, classes, seeds, targets)
+            settings.append(_Setting(T, fitted, grid, sigmas, objective))
     return settings
 
 
@@ -189,11 +203,11 @@ def guard_settings(policy: NoiseLevelPolicy, settings: list[_Setting], config: E
                    progress: bool = True) -> list[dict]:
     """The (T, shift, k) whose learned schedule does not beat uniform in MSE on ``GUARD_PAIRS`` fresh calibration
     pairs (seeds ``pairs .. pairs + GUARD_PAIRS - 1``). Writes ``guard.json``."""
-    classes, seeds = calibration_pairs(GUARD_PAIRS, offset=config.pairs)
+    classes, seeds = calibration_pairs(GUARD_PAIRS, offset=config.pairs, num_conditions=settings[0].pipe.num_conditions)
     mechanism, fallback, report = get_mechanism(config.mechanism), [], []
     for s in tqdm(settings, desc="guard", disable=not progress):
         objective = rollout_objective(s.pipe, mechanism, classes, seeds, s.pipe(classes, seeds))
-        learned = [tuple(policy.schedule(k, sigmas=s.pipe.sigmas, guarded=False).steps) for k in s.budgets]
+        learned = [tuple(policy.schedule(k, sigmas=s.sigmas, guarded=False).steps) for k in s.budgets]
         uniform = [tuple(Schedule.uniform(s.T, k).steps) for k in s.budgets]
         losses = objective(learned + uniform)
         for k, mine, theirs in zip(s.budgets, losses, losses[len(learned):], strict=False):

@@ -11,7 +11,7 @@ Outputs are the pipeline's final latents (``output_type="latent"``), or images w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class DiffusersRollouts:
     name: str | None = None
     max_rows: int | None = None  # the most rollouts one pipeline call carries (None: all of a batch; set it on a GPU)
     signed: bool = False  # images (output_type "pt") mapped from [0, 1] to [-1, 1], the package's convention (eval)
+    scheduler: object | None = None  # runs in place of the pipeline's own scheduler (``with_grid``)
 
     def __post_init__(self):
         for transformer in denoisers_of(self.pipe):  # supported transformers (Wan 2.2: both experts), or a clear error
@@ -79,9 +80,38 @@ class DiffusersRollouts:
     def condition_texts(self) -> list[str]:
         return [p["prompt"] for p in self.prompts]
 
+    def with_grid(self, steps: int, shift: float) -> DiffusersRollouts:
+        """The same pipeline run for ``steps`` steps on the time-shifted grid of ``shift`` (1: the unshifted one), by
+        a copy of its flow-matching scheduler with that static ``shift`` (a dynamic shift ``mu`` of FLUX is the
+        static shift ``exp(mu)``), used in place of its own for these rollouts only. For the v2 trainer."""
+        own = self.pipe.scheduler
+        if "shift" not in own.config or not hasattr(type(own), "from_config"):
+            raise RecacheError(f"the scheduler of this pipeline ({type(own).__name__}) has no time shift to set per "
+                               "grid; train it with --trainer reinforce, on its own grid")
+        scheduler = type(own).from_config(own.config, shift=float(shift), use_dynamic_shifting=False)
+        return replace(self, steps=int(steps), scheduler=scheduler)
+
+    def called_sigmas(self) -> torch.Tensor:
+        """The sigma grid (``steps + 1`` values, the final 0 included) of the last call: what the hooks' clock reads
+        at its first step."""
+        sigmas = getattr(self.scheduler or self.pipe.scheduler, "sigmas", None)
+        if not (isinstance(sigmas, torch.Tensor) and len(sigmas) == self.steps + 1):
+            raise RecacheError(f"the scheduler ({type(self.pipe.scheduler).__name__}) does not hold a grid of "
+                               f"{self.steps} steps after a call")
+        return sigmas.detach().float().cpu()
+
     def _run(self, conds: list[int], seeds: list[int]) -> torch.Tensor:
         """The pipeline's outputs; ``NonFiniteError`` names the first step whose transformer output had NaN or inf
         (read from the scheduler's ``step_index``), or the rows whose final output has."""
+        if self.scheduler is None:
+            return self._run_with_scheduler(conds, seeds)
+        own, self.pipe.scheduler = self.pipe.scheduler, self.scheduler
+        try:
+            return self._run_with_scheduler(conds, seeds)
+        finally:
+            self.pipe.scheduler = own
+
+    def _run_with_scheduler(self, conds: list[int], seeds: list[int]) -> torch.Tensor:
         first_bad: list[int] = []
 
         def watch(module, args, output):
