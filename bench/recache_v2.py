@@ -86,8 +86,7 @@ def on_grid(base, T: int, grid: str, classes, seeds):
         pipe = DigitPipeline(base.model, get_sigmas(grid, T), base.guidance, base.model_id, grid)
         return pipe, pipe(classes, seeds), pipe.sigmas
     pipe = base.with_grid(T, fit_shift(get_sigmas(grid, T))[0])
-    reference = pipe(classes, seeds)
-    return pipe, reference, pipe.called_sigmas()
+    return pipe, pipe(classes, seeds), pipe.sigmas
 
 
 def grids(base, mechanism: str, policy, heldout_classes, heldout_seeds, rows: list) -> list[str]:

@@ -258,12 +258,14 @@ def test_cli_eval_on_a_saved_pipeline_and_on_mnist_flux(saved_pipeline, tmp_path
     assert all(r["full_passes"] == 2 and 0 < r["rel_l2"] < 1 and "feature_distance" not in r for r in rows)
     assert "| uniform | reuse | 2 / 4 | 2 |" in capsys.readouterr().out
     (tmp_path / "digits.txt").write_text("7\n")
-    assert main(["eval", "--pipeline", "mnist-flux", "--prompts", str(tmp_path / "digits.txt"), "--steps", "20",
+    assert main(["eval", "--pipeline", "mnist-flux", "--prompts", str(tmp_path / "digits.txt"), "--steps", "30",
                  "--budgets", "8", "--mechanisms", "taylorseer", "--per-class", "1", "--timing-runs", "0",
-                 "--out", str(tmp_path / "m")]) == 0
-    [row] = [json.loads(line) for line in (tmp_path / "m" / "rows.jsonl").read_text().splitlines()]
-    assert (row["class"], row["full_passes"]) == (0, 8)
-    assert row["class_correct"] == 1  # prompt 0 of the file is scored as the digit it names, 7
+                 "--policy", "mnist-flux-taylorseer", "--out", str(tmp_path / "m")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "m" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all((row["class"], row["full_passes"]) == (0, 8) for row in rows)
+    assert all(row["class_correct"] == 1 for row in rows)  # prompt 0 of the file is scored as the digit it names, 7
+    # the v2 policy plans for the grid the pipeline runs at 30 steps (its own T, not the policy's first, 20)
+    assert "| recache | taylorseer | 8 / 30 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("extra", "message"), [

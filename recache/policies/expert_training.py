@@ -101,7 +101,7 @@ def _new_policy(config: ExpertConfig, pipe: Sampler, settings: list[_Setting]) -
 
 def _settings(config: ExpertConfig, pipe: Sampler) -> list[_Setting]:
     """One sampler and objective per trained (T, shift), on the calibration pairs ``0..pairs-1``. A pipeline's grid
-    is read from its scheduler after the uncached call (the shift it records is the one fitted to that grid)."""
+    is read from its scheduler (``DiffusersRollouts.sigmas``); the shift recorded is the one fitted to it."""
     mechanism = get_mechanism(config.mechanism)
     classes, seeds = calibration_pairs(config.pairs, num_conditions=pipe.num_conditions)
     settings = []
@@ -112,11 +112,9 @@ def _settings(config: ExpertConfig, pipe: Sampler) -> list[_Setting]:
                                      grid_name(shift))
             else:
                 grid = pipe.with_grid(T, shift)
-            targets = grid(classes, seeds)
-            sigmas = grid.sigmas if isinstance(grid, DigitPipeline) else grid.called_sigmas()
-            fitted = float(shift) if isinstance(grid, DigitPipeline) else round(fit_shift(sigmas)[0], 6)
-            objective = rollout_objective(grid, mechanism, classes, seeds, targets)
-            settings.append(_Setting(T, fitted, grid, sigmas, objective))
+            fitted = float(shift) if isinstance(grid, DigitPipeline) else round(fit_shift(grid.sigmas)[0], 6)
+            objective = rollout_objective(grid, mechanism, classes, seeds, grid(classes, seeds))
+            settings.append(_Setting(T, fitted, grid, grid.sigmas, objective))
     return settings
 
 

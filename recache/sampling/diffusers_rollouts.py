@@ -54,6 +54,7 @@ class DiffusersRollouts:
     max_rows: int | None = None  # the most rollouts one pipeline call carries (None: all of a batch; set it on a GPU)
     signed: bool = False  # images (output_type "pt") mapped from [0, 1] to [-1, 1], the package's convention (eval)
     scheduler: object | None = None  # runs in place of the pipeline's own scheduler (``with_grid``)
+    _grid: torch.Tensor | None = field(default=None, init=False, repr=False)  # ``sigmas``, once read
 
     def __post_init__(self):
         for transformer in denoisers_of(self.pipe):  # supported transformers (Wan 2.2: both experts), or a clear error
@@ -91,14 +92,18 @@ class DiffusersRollouts:
         scheduler = type(own).from_config(own.config, shift=float(shift), use_dynamic_shifting=False)
         return replace(self, steps=int(steps), scheduler=scheduler)
 
-    def called_sigmas(self) -> torch.Tensor:
-        """The sigma grid (``steps + 1`` values, the final 0 included) of the last call: what the hooks' clock reads
-        at its first step."""
-        sigmas = getattr(self.scheduler or self.pipe.scheduler, "sigmas", None)
-        if not (isinstance(sigmas, torch.Tensor) and len(sigmas) == self.steps + 1):
-            raise RecacheError(f"the scheduler ({type(self.pipe.scheduler).__name__}) does not hold a grid of "
-                               f"{self.steps} steps after a call")
-        return sigmas.detach().float().cpu()
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The sigma grid this pipeline runs for ``steps`` steps (``steps + 1`` values, the final 0 included; what the
+        hooks' clock reads): read from the scheduler after one uncached sample, made once, when first asked for."""
+        if self._grid is None:
+            self._run([0], [0])
+            sigmas = getattr(self.scheduler or self.pipe.scheduler, "sigmas", None)
+            if not (isinstance(sigmas, torch.Tensor) and len(sigmas) == self.steps + 1):
+                raise RecacheError(f"the scheduler ({type(self.pipe.scheduler).__name__}) does not hold a grid of "
+                                   f"{self.steps} steps after a call")
+            self._grid = sigmas.detach().float().cpu()
+        return self._grid
 
     def _run(self, conds: list[int], seeds: list[int]) -> torch.Tensor:
         """The pipeline's outputs; ``NonFiniteError`` names the first step whose transformer output had NaN or inf
