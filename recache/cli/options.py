@@ -10,6 +10,7 @@ from pathlib import Path
 from recache.errors import RecacheError
 from recache.io import output_target
 from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, MECHANISMS
+from recache.policies import NoiseLevelPolicy
 from recache.policies import load_policy as load_any_policy
 from recache.policies.heuristics import HEURISTICS
 from recache.sampling.pipeline import DigitPipeline
@@ -241,8 +242,10 @@ def load_policy(folder: str, pipe, mechanism: str | None = None, allow_extrapola
 
 def policy_schedule(policy, k: int, pipe, nested: bool = False, allow_extrapolate: bool = False) -> Schedule:
     """A policy's schedule of ``k`` passes on the pipeline's own sigma grid (checked against what it was trained on,
-    unless extrapolation is allowed)."""
-    return policy.schedule(k, nested=nested, allow_extrapolate=allow_extrapolate, sigmas=getattr(pipe, "sigmas", None))
+    unless extrapolation is allowed). A v1 policy trained on a diffusers pipeline is tied to its T and scheduler by
+    name, so it is not given the grid (a diffusers pipeline's is read by one sample, ``DiffusersRollouts.sigmas``)."""
+    sigmas = pipe.sigmas if isinstance(policy, NoiseLevelPolicy) or isinstance(pipe, DigitPipeline) else None
+    return policy.schedule(k, nested=nested, allow_extrapolate=allow_extrapolate, sigmas=sigmas)
 
 
 def load_schedule(path: str, pipe, allow_extrapolate: bool = False) -> Schedule:

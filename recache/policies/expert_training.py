@@ -110,9 +110,10 @@ def _settings(config: ExpertConfig, pipe: Sampler) -> list[_Setting]:
             if isinstance(pipe, DigitPipeline):
                 grid = DigitPipeline(pipe.model, get_sigmas(f"shifted:{shift}", T), pipe.guidance, pipe.model_id,
                                      grid_name(shift))
+                fitted = float(shift)
             else:
                 grid = pipe.with_grid(T, shift)
-            fitted = float(shift) if isinstance(grid, DigitPipeline) else round(fit_shift(grid.sigmas)[0], 6)
+                fitted = round(fit_shift(grid.sigmas)[0], 6)
             objective = rollout_objective(grid, mechanism, classes, seeds, grid(classes, seeds))
             settings.append(_Setting(T, fitted, grid, grid.sigmas, objective))
     return settings
