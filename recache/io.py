@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -62,10 +63,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)
 
 
+STALE = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files a run killed mid-write (SIGKILL, power loss) left in ``folder``: ``atomic_path``'s
-    ``.<name>.<random>.tmp``. Call it holding ``folder_lock``, so that no live writer's file is taken."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    ``.<name>.<random>.tmp``, and ``.tmp<6 letters or digits>``, the file safetensors (0.8) writes a tensor file
+    through before renaming it. Call it holding ``folder_lock``, so that no live writer's file is taken."""
+    stale = [p for p in sorted(Path(folder).glob(".*")) if p.is_file() and STALE.fullmatch(p.name)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -170,6 +170,8 @@ def test_a_killed_runs_temporary_files_are_removed_when_the_next_run_takes_the_f
     out = tmp_path / "run"
     out.mkdir()
     (out / ".checkpoint.safetensors.k3j9x2.tmp").write_bytes(b"half a checkpoint")
+    (out / ".tmpRfR4iL").write_bytes(b"half a checkpoint, as safetensors writes it")  # a CI run left one of these
     (out / "checkpoint.safetensors").write_bytes(b"whole")
-    assert [p.name for p in remove_stale_temporaries(out)] == [".checkpoint.safetensors.k3j9x2.tmp"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors"]
+    (out / ".tmpnotes").write_bytes(b"not ours")
+    assert [p.name for p in remove_stale_temporaries(out)] == [".checkpoint.safetensors.k3j9x2.tmp", ".tmpRfR4iL"]
+    assert sorted(p.name for p in out.iterdir()) == [".tmpnotes", "checkpoint.safetensors"]
