@@ -3,12 +3,13 @@
 1. best scheduler: at T = 50 (linear) and k in {5, 7, 10, 14, 20}, the v2 policy against uniform, a default BudCache
    search for that k and the path plan (both resumed from --searches when there, else run into it);
 2. iso-quality: the fewest passes at which the policy matches uniform's quality at k = 10 and k = 20;
-3. any grid, any T: T in {20, 30, 50} x grids {linear, shifted:3, shifted:2 (never trained on: refused without
-   --allow-extrapolate, which this part allows to measure it)}, every budget of the trained fractions: policy
-   against uniform, and where the guard fell back or did not check.
+3. any grid, any T: T in {20, 25, 30, 40, 50} x grids {linear, shifted:3, shifted:2, shifted:1.5} (--steps,
+   --grids; T 25, 40 and shifts 2, 1.5 were never trained on: the policy plans them by interpolation between the
+   trained settings around them), every budget of the trained fractions: policy against uniform, and where the guard
+   fell back, interpolated or (outside the trained range) did not check.
 
     .venv/bin/python bench/recache_v2.py [--mechanisms taylorseer,hicache] [--policy mnist-dit-{mechanism}]
-        [--searches runs/bench/path_planning] [--out runs/bench/recache_v2]
+        [--searches runs/bench/path_planning] [--out runs/bench/recache_v2] [--only grids] [--steps 20,30,50]
     .venv/bin/python bench/recache_v2.py --pipeline mnist-flux --mechanisms taylorseer \
         --policy mnist-flux-taylorseer --out runs/bench/recache_v2_flux      # part 3 on the diffusers FLUX
 
@@ -34,7 +35,7 @@ from recache.sampling.pipeline import DigitPipeline
 from recache.sampling.sigmas import fit_shift, get_sigmas
 from recache.schedule import Schedule
 
-GRIDS, STEPS = ("linear", "shifted:3", "shifted:2"), (20, 30, 50)
+GRIDS, STEPS = "linear,shifted:3,shifted:2,shifted:1.5", "20,25,30,40,50"
 
 
 def errors(pipe, schedules: dict[str, Schedule], mechanism: str, classes, seeds, reference) -> dict[str, torch.Tensor]:
@@ -89,28 +90,31 @@ def on_grid(base, T: int, grid: str, classes, seeds):
     return pipe, pipe(classes, seeds), pipe.sigmas
 
 
-def grids(base, mechanism: str, policy, heldout_classes, heldout_seeds, rows: list) -> list[str]:
+def grids(base, mechanism: str, policy, heldout_classes, heldout_seeds, rows: list, steps: list[int],
+          names: list[str]) -> list[str]:
     lines = [f"| {mechanism} | T | grid | budgets | v2 better | tie | worse (> 2 SE) | guard: uniform kept | "
-             "not checked |", "|---|---|---|---|---|---|---|---|---|"]
-    for T in STEPS:
-        for grid in GRIDS:
+             "interpolated | not checked |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for T in steps:
+        for grid in names:
             pipe, reference, sigmas = on_grid(base, T, grid, heldout_classes, heldout_seeds)
-            counts, kept, unchecked = {"better": 0, "tie": 0, "worse": 0}, [], []
+            counts, kept, between, unchecked = {"better": 0, "tie": 0, "worse": 0}, [], [], []
             for k in policy.config.budgets(T):
-                learned = policy.schedule(k, sigmas=sigmas, allow_extrapolate=True)
+                learned = policy.schedule(k, sigmas=sigmas, allow_extrapolate=not policy.covers(k, sigmas))
                 e = errors(pipe, {"uniform": Schedule.uniform(T, k), "v2": learned}, mechanism, heldout_classes,
                            heldout_seeds, reference)
                 d, se = paired_difference(e["v2"], e["uniform"])
                 verdict = "better" if d < -2 * se else "worse" if d > 2 * se else "tie"
                 counts[verdict] += 1
                 kept += [k] if learned.metadata.get("fallback") else []
+                between += [k] if learned.metadata["guard"] == "interpolated" else []
                 unchecked += [k] if learned.metadata["guard"] == "not checked" else []
                 rows.append({"part": "grid", "mechanism": mechanism, "T": T, "grid": grid, "k": k,
                              "uniform": e["uniform"].mean().item(), "v2": e["v2"].mean().item(), "diff": d, "se": se,
                              "verdict": verdict, "guard": learned.metadata["guard"]})
             budgets = policy.config.budgets(T)
             lines.append(f"| | {T} | {grid} | {budgets.start}-{budgets.stop - 1} | {counts['better']} | "
-                         f"{counts['tie']} | {counts['worse']} | {_list(kept)} | {_list(unchecked)} |")
+                         f"{counts['tie']} | {counts['worse']} | {_list(kept)} | {_list(between)} | "
+                         f"{_list(unchecked)} |")
     return lines
 
 
@@ -132,7 +136,11 @@ def main() -> None:
                    help="a diffusers pipeline (mnist-flux): part 3 only, on the 50 held-out pairs of "
                         "bench/diffusers_caches.py")
     p.add_argument("--out", default="runs/bench/recache_v2")
+    p.add_argument("--only", choices=("grids",), default=None, help="run part 3 only")
+    p.add_argument("--steps", default=STEPS, help=f"part 3's step counts (default: {STEPS})")
+    p.add_argument("--grids", default=GRIDS, help=f"part 3's grids (default: {GRIDS})")
     args = p.parse_args()
+    steps, names = [int(T) for T in args.steps.split(",")], args.grids.split(",")
     out, searches = Path(args.out), Path(args.searches)
     torch.manual_seed(0)
     base = DigitPipeline.from_pretrained() if args.pipeline is None else load_rollouts(args.pipeline)
@@ -141,10 +149,10 @@ def main() -> None:
     rows, best, iso, grid = [], [], [], []
     for mechanism in args.mechanisms.split(","):
         policy = load_policy(args.policy.format(mechanism=mechanism), mechanism=mechanism)
-        if args.pipeline is None:
+        if args.pipeline is None and args.only is None:
             best += best_scheduler(base, mechanism, policy, searches, heldout, rows)
             iso += iso_quality(base, mechanism, policy, heldout, rows)
-        grid += grids(base, mechanism, policy, classes, seeds, rows)
+        grid += grids(base, mechanism, policy, classes, seeds, rows, steps, names)
         write_jsonl(out / "results.jsonl", rows)
     text = [f"# ReCache v2 (bench/recache_v2.py{' --pipeline ' + args.pipeline if args.pipeline else ''})", "",
             f"Held-out pairs ({len(seeds)}), rel. L2 to the uncached output, paired SE; differences are other - v2 "

@@ -109,8 +109,10 @@ def _describe(r: dict) -> str:
             f"schedule), computed steps {r['computed_steps']}")
     if r.get("fallback"):
         text += f"; the policy's guard kept the {r['fallback']} schedule for this budget, T and grid"
+    elif r.get("guard") == "interpolated":
+        text += "; this T and grid lie between the policy's trained ones (schedule interpolated from them)"
     elif r.get("guard") == "not checked":
-        text += "; this T and grid lie between the policy's trained ones (its guard did not check them)"
+        text += "; this T and grid lie outside the policy's trained range (its guard did not check them)"
     for later, step in r.get("moved_passes", []):
         text += f"; the pass of step {later} moved to step {step}, where the next expert starts"
     if "filled_from_other_expert" in r:

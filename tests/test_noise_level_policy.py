@@ -59,7 +59,8 @@ def test_fit_shift_recognises_shifted_grids_and_flux_dynamic_shift():
     (50, "linear", 2, r"budget k=2 \(k/T = 0.04\) is outside"),
     (20, "linear", 15, "budget k=15"),
     (20, "shifted:3", 5, "T=20 with a grid of shift 3 is outside"),
-    (40, "linear", 8, "T=40 is outside"),
+    (40, "linear", 8, "T=40 with a grid of shift 1 is outside"),  # (50, linear) around it was not trained
+    (10, "shifted:2", 3, "T=10 is outside"),
 ])
 def test_settings_outside_the_trained_range_are_refused_unless_extrapolating(T, grid, k, pattern):
     policy, sigmas = _random_policy(), get_sigmas(grid, T)
@@ -70,6 +71,53 @@ def test_settings_outside_the_trained_range_are_refused_unless_extrapolating(T, 
     assert "\n" not in str(e.value)
     assert policy.schedule(k, sigmas=sigmas, allow_extrapolate=True).k == k
     assert not policy.covers(k, sigmas)
+
+
+PRODUCT = NoiseLevelConfig(settings=[{"T": T, "shift": x} for T in (20, 50) for x in (1.0, 3.0)],
+                           k_fraction=[0.1, 0.5],
+                           guard_ratios=[{"T": T, "shift": x, "k": k, "ratio": 0.5} for T in (20, 50)
+                                         for x in (1.0, 3.0) for k in range(2, 26)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(20, 50), shift=st.floats(1.0, 3.0), data=st.data())
+def test_between_trained_settings_the_schedule_is_interpolated_with_exact_k(T, shift, data):
+    policy = _random_policy(PRODUCT)
+    k = data.draw(st.sampled_from(list(PRODUCT.budgets(T))))
+    schedule = policy.schedule(k, sigmas=get_sigmas(f"shifted:{shift}", T))
+    assert (schedule.T, schedule.k, schedule.mask[0]) == (T, k, True)
+    trained = T in (20, 50) and any(abs(shift - x) <= 1e-3 * x for x in (1.0, 3.0))
+    allowed = {"learned"} if trained else {"interpolated", "uniform"}  # uniform: k outside a neighbour's range
+    assert schedule.metadata["guard"] in allowed
+
+
+def test_a_schedule_between_trained_settings_follows_their_noise_levels_and_their_guard():
+    policy = _random_policy(PRODUCT)
+    lo, hi = (policy.schedule(8, sigmas=get_sigmas(g, 50)) for g in ("linear", "shifted:3"))
+    between = policy.schedule(8, sigmas=get_sigmas("shifted:1.0005", 50))  # within SHIFT_MATCH of linear: trained
+    assert between == lo and between.metadata["guard"] == "learned"
+    near = policy.schedule(8, sigmas=get_sigmas("shifted:2.99", 50))  # interpolated, 99 % from shift 3
+    assert near.metadata["guard"] == "interpolated" and near.steps == hi.steps
+    assert policy.schedule(12, sigmas=get_sigmas("shifted:2", 30)).metadata["guard"] == "uniform"  # T=20: k <= 10
+    ratios = [{**r, "ratio": 0.9} if (r["T"], r["shift"], r["k"]) == (50, 3.0, 8) else r for r in PRODUCT.guard_ratios]
+    doubtful = _random_policy(NoiseLevelConfig(**{**PRODUCT.__dict__, "guard_ratios": ratios}))
+    kept = doubtful.schedule(8, sigmas=get_sigmas("shifted:2", 50))
+    assert (kept.mask, kept.metadata["fallback"], kept.metadata["guard"]) == (Schedule.uniform(50, 8).mask, "uniform",
+                                                                                "uniform")
+    assert doubtful.schedule(8, sigmas=get_sigmas("shifted:2", 50), guarded=False).metadata["guard"] == "interpolated"
+    assert doubtful.schedule(9, sigmas=get_sigmas("shifted:2", 50)).metadata["guard"] == "interpolated"
+
+
+def test_eval_notes_say_where_a_schedule_was_interpolated_kept_uniform_or_not_checked():
+    from recache.cli.evaluate import guard_notes
+
+    policy = _random_policy(PRODUCT)
+    schedules = [policy.schedule(k, sigmas=get_sigmas("shifted:2", 30)) for k in (5, 12)]
+    schedules.append(policy.schedule(6, sigmas=get_sigmas("linear", 60), allow_extrapolate=True))
+    notes = guard_notes("p", schedules)
+    assert [n.split(" (")[0].split(" on ")[0] for n in notes] == [
+        "policy p: uniform schedule kept at k = [12]", "policy p: k = [5]", "policy p: k = [6]"]
+    assert "interpolated from the trained settings" in notes[1] and "outside the trained range" in notes[2]
 
 
 def test_a_grid_of_another_family_is_refused():
@@ -97,6 +145,10 @@ def test_v2_round_trip_and_old_policies_still_load(tmp_path):
     sigmas = get_sigmas("shifted", 50)
     assert isinstance(loaded, NoiseLevelPolicy)
     assert loaded.schedule(12, sigmas=sigmas) == policy.schedule(12, sigmas=sigmas)
+    config = json.loads((tmp_path / "v2" / "config.json").read_text())
+    del config["guard_ratios"]  # a v2 policy saved before the guard's ratios were kept
+    (tmp_path / "v2" / "config.json").write_text(json.dumps(config))
+    assert load_policy(tmp_path / "v2").schedule(12, sigmas=sigmas) == policy.schedule(12, sigmas=sigmas)
     old = load_policy(Path(__file__).parent / "fixtures" / "policy-v1-taylorseer")
     assert isinstance(old, ReCachePolicy) and old.schedule(10, sigmas=get_sigmas("linear", 50)).k == 10
     with pytest.raises(RecacheError, match="trained on the 'linear' sigma grid"):  # v1: one grid, now checked
@@ -110,6 +162,7 @@ def test_v2_round_trip_and_old_policies_still_load(tmp_path):
     (lambda c: c.update(k_fraction=[0.5, 0.1]), "k_fraction"),
     (lambda c: c.pop("settings"), "not a valid ReCache v2 policy config"),
     (lambda c: c.update(fallback=[{"T": 20}]), "fallback"),
+    (lambda c: c.update(guard_ratios=[{"T": 20, "shift": 1.0, "k": 4, "ratio": "low"}]), "guard_ratios"),
 ])
 def test_a_damaged_v2_folder_is_one_line_and_nothing_is_written(tmp_path, damage, pattern):
     _random_policy().save_pretrained(tmp_path)
@@ -158,10 +211,12 @@ def test_expert_training_is_deterministic_guarded_and_resumes_bit_for_bit(pipe, 
     assert {(g["T"], g["shift"]) for g in guard["settings"]} == {(6, 1.0), (6, 3.0), (8, 1.0), (8, 3.0)}
     assert policy.config.fallback == [{k: g[k] for k in ("T", "shift", "k")} for g in guard["settings"]
                                       if g["fallback"]]
+    assert [r["ratio"] for r in policy.config.guard_ratios] == pytest.approx(
+        [g["learned_loss"] / g["uniform_loss"] for g in guard["settings"]], rel=1e-5)
     assert policy.config.training["rollouts"] > 0 and policy.config.training["trainer"] == "expert-iteration"
     for T, grid in ((6, "linear"), (8, "shifted"), (7, "shifted:2")):  # trained, and one between the trained ones
         for k in policy.config.budgets(T):
-            assert policy.schedule(k, sigmas=get_sigmas(grid, T), allow_extrapolate=T == 7).k == k
+            assert policy.schedule(k, sigmas=get_sigmas(grid, T)).k == k
     other = ExpertConfig(**{**SHORT.__dict__, "lr": 0.5})
     with pytest.raises(RecacheError, match="other settings"):
         train_noise_level(other, tmp_path / "a", pipe, resume=True, progress=False)

@@ -91,8 +91,12 @@ def test_v2_training_on_a_pipeline_trains_its_grids_and_plans_by_the_scheduler_s
             rollouts.pipe(prompt="a cat", num_inference_steps=6, **CALL)
             want = policy.schedule(3, sigmas=get_sigmas(f"shifted:{shift}", 6)).steps
             assert recache.summary(rollouts.pipe).last["cond"]["computed_steps"] == want
-        rollouts.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
-        with pytest.raises(RecacheError, match="a grid of shift 2 is outside the trained range"):
+        rollouts.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)  # between the trained grids
+        rollouts.pipe(prompt="a cat", num_inference_steps=6, **CALL)
+        record = recache.summary(rollouts.pipe).last["cond"]
+        assert record["guard"] in ("interpolated", "uniform") and len(record["computed_steps"]) == 3
+        rollouts.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=4.0)
+        with pytest.raises(RecacheError, match="a grid of shift 4 is outside the trained range"):
             rollouts.pipe(prompt="a cat", num_inference_steps=6, **CALL)
     finally:
         recache.disable(rollouts.pipe)

@@ -155,7 +155,8 @@ def test_shipped_policies_load_for_the_embedded_model():
 
 
 def test_shipped_flux_policy_is_for_the_shipped_flux_model():
-    """v2, trained on the pipeline itself: exact k on every trained setting, T = 28 (FLUX's default) refused."""
+    """v2, trained on the pipeline itself: exact k on every trained setting and between them (T = 28, FLUX's
+    default), T = 60 refused."""
     from recache.hooks import model_fingerprint
     from recache.models.flux_digits import load_flux_digits
     from recache.policies import NoiseLevelPolicy, load_policy
@@ -169,8 +170,11 @@ def test_shipped_flux_policy_is_for_the_shipped_flux_model():
         sigmas = get_sigmas(f"shifted:{setting['shift']}", setting["T"])
         budgets = policy.config.budgets(setting["T"])
         assert [policy.schedule(k, sigmas=sigmas).k for k in budgets] == list(budgets)
-    with pytest.raises(RecacheError, match="T=28 is outside the trained range"):
-        policy.schedule_for_steps(6, 28)
-    assert policy.schedule_for_steps(6, 28, allow_extrapolate=True).k == 6
+    between = policy.schedule_for_steps(6, 28, sigmas=get_sigmas("shifted:3", 28))
+    assert between.k == 6 and between.metadata["guard"] in ("interpolated", "uniform")
+    assert len(policy.config.guard_ratios) == sum(len(policy.config.budgets(T)) for T in (20, 30, 50)) * 2
+    with pytest.raises(RecacheError, match="T=60 is outside the trained range"):
+        policy.schedule_for_steps(6, 60)
+    assert policy.schedule_for_steps(6, 60, allow_extrapolate=True).k == 6
 
 

@@ -77,11 +77,14 @@ def guard_notes(name: str, schedules: list[Schedule]) -> list[str]:
     """What a policy's calibration guard did for these schedules: where it kept the uniform schedule, and (v2) where
     the setting was not one it was trained and checked on."""
     kept = [s.k for s in schedules if s.metadata.get("fallback") == "uniform"]
+    between = [s.k for s in schedules if s.metadata.get("guard") == "interpolated"]
     unchecked = [s.k for s in schedules if s.metadata.get("guard") == "not checked"]
     notes = [f"policy {name}: uniform schedule kept at k = {kept} (its calibration guard: the learned one did not "
-             "beat uniform there)"] if kept else []
-    return notes + ([f"policy {name}: k = {unchecked} on this T and grid were not checked by its guard (a setting "
-                     "between the trained ones)"] if unchecked else [])
+             "beat uniform there, or, between trained settings, not clearly at the settings around it)"] if kept else []
+    notes += [f"policy {name}: k = {between} on this T and grid are interpolated from the trained settings around "
+              "it"] if between else []
+    return notes + ([f"policy {name}: k = {unchecked} on this T and grid were not checked by its guard (outside the "
+                     "trained range, allowed by --allow-extrapolate)"] if unchecked else [])
 
 
 def load_eval_sampler(args: argparse.Namespace):

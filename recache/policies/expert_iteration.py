@@ -29,7 +29,7 @@ import torch
 
 from recache.errors import RecacheError
 from recache.policies.noise_level import NoiseLevelPolicy
-from recache.schedule import Schedule
+from recache.schedule import Schedule, spread_steps
 
 Steps = tuple[int, ...]
 Key = tuple[int, int]  # (setting index, budget)
@@ -82,12 +82,7 @@ def power_steps(T: int, k: int, power: float) -> Steps:
     from uniform reach slowly)."""
     if k == 1:
         return (0,)
-    steps = [round((T - 1) * (j / (k - 1)) ** power) for j in range(k)]
-    for j in range(1, k):
-        steps[j] = max(steps[j], steps[j - 1] + 1)
-    for j in range(k - 1, 0, -1):
-        steps[j] = min(steps[j], T - k + j, steps[j + 1] - 1 if j + 1 < k else T - 1)
-    return tuple(steps)
+    return tuple(spread_steps([round((T - 1) * (j / (k - 1)) ** power) for j in range(k)], T))
 
 
 def relocations(steps: Steps, T: int, n: int, window: int, generator: torch.Generator) -> list[Steps]:

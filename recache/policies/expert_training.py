@@ -75,9 +75,9 @@ def train_noise_level(config: ExpertConfig, out: str | Path, pipe: Sampler | Non
             _checkpoint(out, config, policy, optimizer, generator, memo, log, r + 1)
         distil(policy, optimizer, grids, elites, config.final_steps)
         policy.eval()
-        fallback = guard_settings(policy, settings, config, out, progress)
+        fallback, ratios = guard_settings(policy, settings, config, out, progress)
         rollouts = sum(map(len, memo)) * config.pairs + 2 * len(elites) * GUARD_PAIRS
-        policy.config = replace(policy.config, fallback=fallback,
+        policy.config = replace(policy.config, fallback=fallback, guard_ratios=ratios,
                                 training={**policy.config.training, "rollouts": rollouts})
         policy.save_pretrained(out / POLICY)
     return policy
@@ -199,11 +199,12 @@ def _restore(out: Path, resume: bool, config: ExpertConfig, policy, optimizer, g
 
 
 def guard_settings(policy: NoiseLevelPolicy, settings: list[_Setting], config: ExpertConfig, out: Path,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True) -> tuple[list[dict], list[dict]]:
     """The (T, shift, k) whose learned schedule does not beat uniform in MSE on ``GUARD_PAIRS`` fresh calibration
-    pairs (seeds ``pairs .. pairs + GUARD_PAIRS - 1``). Writes ``guard.json``."""
+    pairs (seeds ``pairs .. pairs + GUARD_PAIRS - 1``), and every (T, shift, k) with its ratio learned / uniform
+    (what the policy's schedules between trained settings check). Writes ``guard.json``."""
     classes, seeds = calibration_pairs(GUARD_PAIRS, offset=config.pairs, num_conditions=settings[0].pipe.num_conditions)
-    mechanism, fallback, report = get_mechanism(config.mechanism), [], []
+    mechanism, fallback, report, ratios = get_mechanism(config.mechanism), [], [], []
     for s in tqdm(settings, desc="guard", disable=not progress):
         objective = rollout_objective(s.pipe, mechanism, classes, seeds, s.pipe(classes, seeds))
         learned = [tuple(policy.schedule(k, sigmas=s.sigmas, guarded=False).steps) for k in s.budgets]
@@ -213,6 +214,7 @@ def guard_settings(policy: NoiseLevelPolicy, settings: list[_Setting], config: E
             entry = {"T": s.T, "shift": s.shift, "k": k}
             report.append({**entry, "learned_loss": mine, "uniform_loss": theirs, "fallback": mine >= theirs})
             fallback += [entry] if mine >= theirs else []
+            ratios.append({**entry, "ratio": round(mine / max(theirs, 1e-30), 6)})
     write_json(out / GUARD, {"pairs": GUARD_PAIRS, "seeds": [config.pairs, config.pairs + GUARD_PAIRS - 1],
                              "settings": report})
-    return fallback
+    return fallback, ratios

@@ -10,10 +10,11 @@ on any grid. v1 (``recache.py``) maps the budget alone to T-1 logits, so it is t
 
 The config says what the policy was trained on: the settings (step count ``T`` and time-shifted grid ``shift``, with
 ``linear = 1``; ``fit_shift`` recognises a grid by its values, FLUX's resolution-dependent shift included) and the
-budget fractions ``k/T``. Any other setting is refused with one line unless extrapolation is allowed: between the
-trained settings the schedules were measured worse than uniform (``check_setting``). The guard
-(``fallback``) is per trained setting ``(T, shift, k)``. Everything here is ours: the paper conditions its policy
-on the budget only and publishes no network.
+budget fractions ``k/T``. Between the trained settings the network's own scores were measured worse than uniform
+at most budgets, so there the schedule is interpolated by noise level from the trained settings around it
+(``_between``); outside them a setting is refused with one line unless extrapolation is allowed
+(``check_setting``). The guard (``fallback``, ``guard_ratios``) is per trained setting ``(T, shift, k)``.
+Everything here is ours: the paper conditions its policy on the budget only and publishes no network.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from recache.mechanisms import MECHANISMS
 from recache.policies.pretrained import load_policy_weights, read_policy_config, resolve_policy, write_policy
 from recache.policies.recache import MAX_HIDDEN, ReCachePolicy, SchedulePolicy, policy_mlp
 from recache.sampling.sigmas import GRID_FIT_TOLERANCE, fit_shift, get_sigmas
-from recache.schedule import Schedule, check_budget
+from recache.schedule import Schedule, check_budget, spread_steps
 
 KIND = "recache-v2"
 OCTAVES, BUDGET_FREQUENCIES = 6, 8
 FEATURES = 6 + 4 * OCTAVES + 2 * BUDGET_FREQUENCIES
 SHIFT_MATCH = 1e-3  # relative: a grid whose fitted shift is this close to a trained one is that grid
+TRANSFER_RATIO = 0.7  # between trained settings, the neighbours' learned / uniform guard MSE must be at most this
 
 
 def grid_name(shift: float) -> str:
@@ -54,6 +56,7 @@ class NoiseLevelConfig:
     sigmas: str = "linear"  # the grid of ``schedule_for_steps`` (callers that give only T: the hooks)
     training: dict = field(default_factory=dict)
     fallback: list = field(default_factory=list)  # {"T", "shift", "k"}: learned lost to uniform on calibration
+    guard_ratios: list = field(default_factory=list)  # {"T", "shift", "k", "ratio"}: learned / uniform guard MSE
 
     def __post_init__(self):
         if not (isinstance(self.settings, list) and self.settings and all(_is_setting(s) for s in self.settings)):
@@ -74,6 +77,11 @@ class NoiseLevelConfig:
         if not (isinstance(self.fallback, list) and all(_is_setting(f) and is_whole(f.get("k"), 1) for f in
                                                          self.fallback)):
             raise RecacheError(f"fallback must list {{'T', 'shift', 'k'}} entries, got {str(self.fallback)[:200]}")
+        if not (isinstance(self.guard_ratios, list) and all(_is_setting(g) and is_whole(g.get("k"), 1) and
+                                                             _is_positive(g.get("ratio"), zero=True)
+                                                             for g in self.guard_ratios)):
+            raise RecacheError(f"guard_ratios must list {{'T', 'shift', 'k', 'ratio'}} entries, got "
+                               f"{str(self.guard_ratios)[:200]}")
 
     def budgets(self, T: int) -> range:
         """The trained budgets at ``T`` steps: ``k/T`` in ``k_fraction``, at least 2 (one step to place)."""
@@ -85,9 +93,26 @@ def _same_shift(a: float, b: float) -> bool:
     return abs(a - b) <= SHIFT_MATCH * b
 
 
+def _is_positive(x, zero: bool = False) -> bool:
+    return (isinstance(x, float | int) and not isinstance(x, bool) and math.isfinite(x)
+            and (x >= 0 if zero else x > 0))
+
+
 def _is_setting(s) -> bool:
-    return (isinstance(s, dict) and is_whole(s.get("T"), 2) and isinstance(s.get("shift"), float | int)
-            and not isinstance(s.get("shift"), bool) and math.isfinite(s["shift"]) and s["shift"] > 0)
+    return isinstance(s, dict) and is_whole(s.get("T"), 2) and _is_positive(s.get("shift"))
+
+
+def _bracket(trained: list, x: float, coordinate) -> list[tuple[float, float]]:
+    """The trained values either side of ``x`` with their linear weights in ``coordinate(x)``: one of weight 1 when
+    ``x`` is trained, none when it is outside."""
+    below, above = [v for v in trained if v <= x], [v for v in trained if v >= x]
+    if not below or not above:
+        return []
+    lo, hi = max(below), min(above)
+    if lo == hi:
+        return [(lo, 1.0)]
+    w = (coordinate(x) - coordinate(lo)) / (coordinate(hi) - coordinate(lo))
+    return [(lo, 1 - w), (hi, w)]
 
 
 def step_features(sigmas: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -139,10 +164,8 @@ class NoiseLevelPolicy(SchedulePolicy):
         return ReCachePolicy.log_prob(logits, order, k)
 
     def check_setting(self, k: int, sigmas: torch.Tensor, allow_extrapolate: bool = False) -> float:
-        """The fitted shift of ``sigmas``, after checking that (T, grid) is a trained setting and k/T is in range.
-
-        Only the trained settings count as the range (ours, measured): between them, at T = 40 or on a grid of
-        shift 2, the schedules of the shipped policies were worse than uniform at most budgets."""
+        """The fitted shift of ``sigmas``, after checking that (T, grid) lies in the trained range (T and shift each
+        between the trained ones, the four settings around it trained) and k/T in the trained fractions."""
         T = len(sigmas) - 1
         check_budget(k, T)
         shift, gap = fit_shift(sigmas)
@@ -151,20 +174,32 @@ class NoiseLevelPolicy(SchedulePolicy):
         steps = sorted({s["T"] for s in self.config.settings})
         shifts = sorted({s["shift"] for s in self.config.settings})
         trained = (f"the policy was trained on T {', '.join(map(str, steps))} with time-shifted grids of shift "
-                   f"{', '.join(f'{x:g}' for x in shifts)} and k/T {self.config.k_fraction[0]:g}-"
-                   f"{self.config.k_fraction[1]:g}")
+                   f"{', '.join(f'{x:g}' for x in shifts)} (and plans between them) and k/T "
+                   f"{self.config.k_fraction[0]:g}-{self.config.k_fraction[1]:g}")
         if gap > GRID_FIT_TOLERANCE:
             raise RecacheError(f"this sigma grid is not a time-shifted one (it is {gap:.3f} from the nearest); "
                                f"{trained}; allow extrapolation (--allow-extrapolate) to use it anyway")
-        problems = [f"T={T}"] if T not in steps else []
-        problems += [f"a grid of shift {shift:.3g}"] if not any(_same_shift(shift, x) for x in shifts) else []
-        if not problems and not any(s["T"] == T and _same_shift(shift, s["shift"]) for s in self.config.settings):
-            problems = [f"T={T} with a grid of shift {shift:.3g}"]
+        problems = [f"T={T}"] if not steps[0] <= T <= steps[-1] else []
+        inside = shifts[0] * (1 - SHIFT_MATCH) <= shift <= shifts[-1] * (1 + SHIFT_MATCH)
+        problems += [f"a grid of shift {shift:.3g}"] if not inside else []
+        if not problems and not self._corners(T, shift):
+            problems = [f"T={T} with a grid of shift {shift:.3g}"]  # a setting around it was not trained
         problems += [f"budget k={k} (k/T = {k / T:.3g})"] if k not in self.config.budgets(T) else []
         if problems:
             raise RecacheError(f"{' and '.join(problems)} is outside the trained range: {trained}; use a setting in "
                                "that range or allow extrapolation (--allow-extrapolate)")
         return shift
+
+    def _corners(self, T: int, shift: float) -> list[tuple[int, float, float]]:
+        """The trained settings ``(T', shift', weight)`` around ``(T, shift)``, bilinear in ``(1/T, log shift)``: one
+        of weight 1 on a trained setting, none outside the trained range or where one of them was not trained."""
+        shifts = sorted({float(s["shift"]) for s in self.config.settings})
+        shift = next((x for x in shifts if _same_shift(shift, x)), shift)
+        corners = [(t, x, wt * wx) for t, wt in _bracket(sorted({s["T"] for s in self.config.settings}), T,
+                                                          lambda v: 1 / v)
+                   for x, wx in _bracket(shifts, shift, math.log)]
+        trained = {(s["T"], float(s["shift"])) for s in self.config.settings}
+        return corners if all((t, x) in trained for t, x, _ in corners) else []
 
     def covers(self, k: int, sigmas: torch.Tensor) -> bool:
         """Whether budget ``k`` on grid ``sigmas`` is in the trained range."""
@@ -183,30 +218,61 @@ class NoiseLevelPolicy(SchedulePolicy):
     def schedule(self, k: int, nested: bool = False, allow_extrapolate: bool = False, guarded: bool = True,
                  sigmas: torch.Tensor | None = None) -> Schedule:
         """The deterministic schedule of ``k`` full passes on grid ``sigmas`` (default: the config's grid at the first
-        trained T): step 0 and the top-(k-1) logits, or the uniform one where the guard found the learned schedule
-        worse on calibration pairs for this (T, grid, k) (metadata ``fallback``; ``guard`` says whether the setting
-        was checked at all)."""
+        trained T). On a trained setting: step 0 and the top-(k-1) logits, or the uniform one where the guard found
+        the learned schedule worse on calibration pairs (metadata ``fallback``). Between trained settings: the
+        neighbours' schedules interpolated by noise level (``_between``). Outside the range (extrapolation allowed):
+        the top logits, unchecked. Metadata ``guard`` says which: learned, uniform, interpolated or not checked."""
         if nested:
             raise RecacheError("nested schedules are a v1 option; this is a v2 (noise-level) policy")
         sigmas = get_sigmas(self.config.sigmas, self.config.settings[0]["T"]) if sigmas is None else sigmas
         shift, T = self.check_setting(k, sigmas, allow_extrapolate), len(sigmas) - 1
+        corners = self._corners(T, shift) if k in self.config.budgets(T) else []
+        if len(corners) > 1:
+            steps, guard = self._between(k, sigmas, corners, guarded)
+        else:
+            guard = ("uniform" if self._fell_back(T, shift, k) else "learned") if corners else "not checked"
+            steps = None if guarded and guard == "uniform" else self._top_steps(k, sigmas)
         meta = {"source": "recache", "policy": KIND, "model": self.model, "mechanism": self.mechanism,
-                "sigmas": grid_name(shift), "guard": self._guard(T, shift, k)}
+                "sigmas": grid_name(shift), "guard": guard}
         if k == 1:
             return Schedule.uniform(T, 1).with_metadata(**meta)
-        if guarded and meta["guard"] == "uniform":
+        if steps is None:
             return Schedule.uniform(T, k).with_metadata(**meta, fallback="uniform")
-        steps = (self.logits(torch.tensor([k]), sigmas)[0].topk(k - 1).indices + 1).tolist()
-        return Schedule.from_steps(T, [0, *steps], **meta)
+        return Schedule.from_steps(T, steps, **meta)
 
-    def _guard(self, T: int, shift: float, k: int) -> str:
-        """"uniform" (the guard fell back), "learned" (checked, kept) or "not checked" (an untrained setting)."""
-        def same(s):
-            return s["T"] == T and _same_shift(shift, s["shift"])
-        if any(same(f) and f["k"] == k for f in self.config.fallback):
-            return "uniform"
-        checked = any(same(s) for s in self.config.settings) and k in self.config.budgets(T)
-        return "learned" if checked else "not checked"
+    def _top_steps(self, k: int, sigmas: torch.Tensor) -> list[int]:
+        return [0, *sorted((self.logits(torch.tensor([k]), sigmas)[0].topk(k - 1).indices + 1).tolist())]
+
+    def _step_sigmas(self, k: int, sigmas: torch.Tensor) -> torch.Tensor:
+        """The noise levels of the computed steps of a trained setting's schedule, from the highest."""
+        return sigmas.double()[self._top_steps(k, sigmas)]
+
+    def _between(self, k: int, sigmas: torch.Tensor, corners: list, guarded: bool) -> tuple[list[int] | None, str]:
+        """Budget ``k`` between trained settings (ours, measured on calibration pairs, docs/recache.md): the
+        computed steps' noise levels of the four trained settings around it (same k, each on its own grid),
+        averaged with the bilinear weights of ``_corners``, each placed on the nearest step of ``sigmas``
+        (``spread_steps`` keeps them distinct). The guard keeps uniform unless every one of those settings has k
+        in its range and its learned schedule beat uniform clearly (guard MSE ratio <= ``TRANSFER_RATIO``)."""
+        usable = [(t, x, w) for t, x, w in corners if k in self.config.budgets(t)]
+        doubtful = len(usable) < len(corners) or any(self._guard_ratio(t, x, k) > TRANSFER_RATIO for t, x, _ in usable)
+        if not usable or (guarded and doubtful):
+            return None, "uniform"
+        target = sum(w * self._step_sigmas(k, get_sigmas(grid_name(x), t)) for t, x, w in usable)
+        target = target / sum(w for *_, w in usable)
+        T = len(sigmas) - 1
+        nearest = (sigmas[1:T, None].double() - target[None, 1:]).abs().argmin(0) + 1
+        return spread_steps(sorted([0, *nearest.tolist()]), T), "interpolated"
+
+    def _fell_back(self, T: int, shift: float, k: int) -> bool:
+        return any(f["T"] == T and _same_shift(shift, f["shift"]) and f["k"] == k for f in self.config.fallback)
+
+    def _guard_ratio(self, T: int, shift: float, k: int) -> float:
+        """The trained setting's learned / uniform MSE on the guard pairs: infinite where the guard fell back, 0 when
+        not recorded (a policy trained before the ratios were kept)."""
+        if self._fell_back(T, shift, k):
+            return math.inf
+        return next((g["ratio"] for g in self.config.guard_ratios
+                     if g["T"] == T and _same_shift(shift, g["shift"]) and g["k"] == k), 0.0)
 
     def schedule_for_steps(self, k: int, T: int, allow_extrapolate: bool = False,
                            sigmas: torch.Tensor | None = None) -> Schedule:
@@ -224,7 +290,7 @@ class NoiseLevelPolicy(SchedulePolicy):
     @classmethod
     def from_config(cls, folder: Path, raw: dict) -> NoiseLevelPolicy:
         try:
-            check_fields(raw, NoiseLevelConfig, "the file")
+            check_fields(raw, NoiseLevelConfig, "the file", optional=("guard_ratios",))  # older v2 policies
             config = NoiseLevelConfig(**raw)
         except (ValueError, TypeError) as e:
             raise RecacheError(f"{folder}/config.json is not a valid ReCache v2 policy config ({e})") from None

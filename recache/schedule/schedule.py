@@ -27,6 +27,21 @@ def check_budget(k: int, T: int) -> None:
         raise RecacheError(f"budget k={k!r} is not allowed: use a whole number of full passes from 1 to T={T}")
 
 
+def spread_steps(steps: Sequence[int], T: int) -> list[int]:
+    """The nearest ``k = len(steps)`` distinct increasing steps in ``0..T-1`` to the non-decreasing ``steps`` (first
+    kept at 0): each pushed past its predecessor, then back below its successor and ``T - k + j``. Shared by the
+    warm starts of the v2 trainer and the v2 policy's schedules between trained settings."""
+    steps, k = [int(s) for s in steps], len(steps)
+    if not 1 <= k <= T:
+        raise RecacheError(f"{k} steps do not fit in T={T}")
+    steps[0] = 0
+    for j in range(1, k):
+        steps[j] = max(steps[j], steps[j - 1] + 1)
+    for j in range(k - 1, 0, -1):
+        steps[j] = min(steps[j], T - k + j, steps[j + 1] - 1 if j + 1 < k else T - 1)
+    return steps
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A compute mask over T steps plus metadata (sigma grid, model id, mechanism, source policy)."""
