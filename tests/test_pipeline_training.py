@@ -236,6 +236,43 @@ def test_cli_sample_on_a_saved_pipeline_and_on_mnist_flux(saved_pipeline, tmp_pa
     assert "1 image(s) x 50 steps, realised full passes per CFG branch: 10 (taylorseer" in capsys.readouterr().out
 
 
+def test_cli_align_on_a_saved_pipeline_searches_the_scheduler_s_shift(saved_pipeline, tmp_path, capsys):
+    """A pipeline has no gradient to its grid: align tries shifts of its scheduler; the aligned schedule then runs on
+    the shift it was aligned to, in sample and through recache.enable when the scheduler is set to it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    Schedule.uniform(6, 3, mechanism="taylorseer").save(tmp_path / "u3.json")
+    common = ["--pipeline", str(saved_pipeline / "tinyflux"), "--prompts", str(saved_pipeline / "prompts.txt"),
+              "--steps", "6", "--height", "32", "--width", "32"]
+    assert main(["align", *common, "--schedule", str(tmp_path / "u3.json"), "--updates", "5"]) == 2
+    assert "--updates applies to the embedded model's alignment" in capsys.readouterr().err
+    assert not (tmp_path / "u3-aligned.json").exists()
+    assert main(["align", *common, "--schedule", str(tmp_path / "u3.json"), "--pairs", "2"]) == 0
+    assert "MSE to uncached on 2 calibration pairs" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "u3-aligned.log.jsonl").read_text().splitlines()]
+    assert len(log) == 17 and log[8]["shift"] == pytest.approx(1.0, rel=1e-3)  # the tiny pipeline's own grid
+    aligned = Schedule.load(tmp_path / "u3-aligned.json")
+    best = min(log, key=lambda row: row["loss"])
+    assert aligned.metadata.get("aligned_shift") == (best["shift"] if best["loss"] < log[8]["loss"] else None)
+    shifted = aligned.with_metadata(aligned_shift=log[0]["shift"], aligned_sigmas=log[0]["sigmas"])  # shift 0.25
+    shifted.save(tmp_path / "s3.json")
+    assert main(["sample", *common[:2], *common[4:], "--prompt", "a cat", "--schedule", str(tmp_path / "s3.json"),
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert "realised full passes per CFG branch: 3 (taylorseer, uniform schedule, computed steps [0, 2, 5], " \
+           "aligned shift 0.25)" in capsys.readouterr().out
+    pipe = tiny_flux_pipeline()
+    recache.enable(pipe, schedule=shifted)
+    try:
+        with pytest.raises(RecacheError, match="set the scheduler's shift to its aligned_shift 0.25"):
+            pipe(prompt="a cat", num_inference_steps=6, **CALL)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=0.25,
+                                                                     use_dynamic_shifting=False)
+        pipe(prompt="a cat", num_inference_steps=6, **CALL)
+        assert recache.summary(pipe).last["cond"]["computed_steps"] == [0, 2, 5]
+    finally:
+        recache.disable(pipe)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--prompt", " "], "--prompt is empty"),
     (["--prompt", "a", "--prompts", "p.txt"], "give --prompt or --prompts, not both"),

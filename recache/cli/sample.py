@@ -21,6 +21,7 @@ from recache.cli.options import (
     resolve_schedule,
 )
 from recache.errors import RecacheError
+from recache.sampling.interface import sample_with
 from recache.viz import image_format, save_image_grid
 
 
@@ -74,8 +75,10 @@ def run_pipeline(args: argparse.Namespace, rollouts) -> int:
     if schedule is None:
         images, passes, how = rollouts(conds, seeds), torch.full((n,), rollouts.steps), "uncached"
     else:
-        images, passes = rollouts.rollout_rows(conds, seeds, schedule.as_tensor().expand(n, -1), mechanism)
+        images, passes = sample_with(rollouts, schedule, mechanism, conds, seeds)
         how = f"{mechanism}, {schedule.metadata.get('source', 'schedule')} schedule, computed steps {schedule.steps}"
+        shift = schedule.metadata.get("aligned_shift")
+        how += f", aligned shift {shift:.4g}" if shift is not None else ""
     seconds = time.perf_counter() - start
     save_image_grid(images, args.out, nrow=min(n, 8), scale=4 if rollouts.outputs_digits else 1)
     print(f"{n} image(s) x {rollouts.steps} steps, realised full passes per CFG branch: "

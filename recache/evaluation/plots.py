@@ -103,11 +103,14 @@ def plot_search_history(history: list[dict], path: str | os.PathLike, uniform_lo
 
 
 def plot_alignment(log: list[dict], base: list[float], computed: list[int], path: str | os.PathLike) -> None:
-    """Calibration loss per update, and the learned sigma grid against the base one (computed steps marked)."""
+    """Calibration loss per update (or per shift tried, on a pipeline), and the learned sigma grid against the base
+    one (computed steps marked)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot([r["update"] for r in log], [r["loss"] for r in log], marker="o", ms=2)
+    x = "update" if "update" in log[0] else "shift"
+    left.plot([r[x] for r in log], [r["loss"] for r in log], marker="o", ms=2)
     left.set_yscale("log")
-    left.set_xlabel("update")
+    left.set_xscale("log" if x == "shift" else "linear")
+    left.set_xlabel(x)
     left.set_title("MSE to uncached, calibration pairs", fontsize=9)
     left.grid(alpha=0.3)
     best = min(log, key=lambda r: r["loss"])["sigmas"]

@@ -155,9 +155,12 @@ def check_aligned_grid(schedule: Schedule, sigmas: torch.Tensor | None) -> None:
         return
     aligned = torch.tensor(aligned, dtype=torch.float64)
     if len(sigmas) != len(aligned) or not torch.allclose(sigmas.double(), aligned, atol=1e-4):
-        raise RecacheError("the schedule was aligned to its own sigma grid (aligned_sigmas) and this pipeline's "
-                           "scheduler runs another; pass the aligned grid to the call (sigmas=aligned_sigmas[:-1], "
-                           "with a scheduler that does not shift them) or use the schedule without aligned_sigmas")
+        shift = schedule.metadata.get("aligned_shift")
+        how = (f"set the scheduler's shift to its aligned_shift {shift:g} (use_dynamic_shifting=False)" if shift
+               else "pass the aligned grid to the call (sigmas=aligned_sigmas[:-1], with a scheduler that does not "
+                    "shift them)")
+        raise RecacheError(f"the schedule was aligned to its own sigma grid (aligned_sigmas) and this pipeline's "
+                           f"scheduler runs another; {how} or use the schedule without aligned_sigmas")
 
 
 @dataclass

@@ -15,14 +15,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from recache.errors import RecacheError
 from recache.mechanisms import get_mechanism
 from recache.protocol import calibration_pairs
 from recache.sampling.cached import sample_cached
 from recache.sampling.pipeline import DigitPipeline
+from recache.sampling.sigmas import fit_shift
 from recache.schedule import Schedule
+
+SHIFT_FACTORS = tuple(2 ** (i / 4) for i in range(-8, 9))  # the shifts a pipeline's alignment tries: s0 / 4 .. 4 s0
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,34 @@ def align_sigmas(schedule: Schedule, pipe: DigitPipeline, mechanism: str, config
         return schedule.with_metadata(align_loss=base_loss, base_loss=base_loss, aligned=False), log
     return schedule.with_metadata(aligned_sigmas=best[1], align_loss=best[0], base_loss=base_loss,
                                   align=asdict(config)), log
+
+
+def align_shift(schedule: Schedule, rollouts, mechanism: str, pairs: int,
+                progress: bool = True) -> tuple[Schedule, list[dict]]:
+    """Schedule alignment on a diffusers pipeline (``DiffusersRollouts``), without gradients (ours): a pipeline runs
+    under ``torch.no_grad`` and its scheduler turns a given grid into NumPy, so ``align_sigmas`` cannot backpropagate
+    to the grid there. Instead the grid is searched within the time-shifted family the pipeline's flow-matching
+    scheduler makes: the schedule runs with the scheduler at shift ``s0 * f`` for every ``f`` in ``SHIFT_FACTORS``
+    (``s0``: the shift fitted to the pipeline's own grid) on ``pairs`` calibration pairs, scored by the MSE to the
+    uncached outputs on the pipeline's own grid. The best shift is kept if it beats ``s0``, as ``aligned_shift`` and
+    ``aligned_sigmas`` (the grid that scheduler runs); else the schedule keeps its grid. One parameter instead of
+    the T - 1 of ``align_sigmas``."""
+    if schedule.T != rollouts.steps:
+        raise RecacheError(f"schedule has T={schedule.T} steps but the pipeline runs {rollouts.steps}")
+    classes, seeds = calibration_pairs(pairs, num_conditions=rollouts.num_conditions)
+    targets, base = rollouts(classes, seeds), fit_shift(rollouts.sigmas)[0]
+    plain, log = Schedule(schedule.mask), []
+    for factor in tqdm(SHIFT_FACTORS, desc=f"align k={schedule.k}", disable=not progress):
+        grid = rollouts.with_grid(rollouts.steps, base * factor)
+        out, passes = grid.rollout(classes, seeds, [plain], mechanism)
+        if not torch.all(passes == schedule.k):
+            raise RuntimeError(f"a rollout realised {passes.tolist()} passes, not {schedule.k}")
+        log.append({"shift": round(base * factor, 6), "loss": ((out[0] - targets) ** 2).mean().item(),
+                    "sigmas": [round(x, 6) for x in grid.sigmas.tolist()]})
+    base_loss = log[SHIFT_FACTORS.index(1.0)]["loss"]
+    best = min(log, key=lambda row: row["loss"])
+    if best["loss"] >= base_loss:
+        return schedule.with_metadata(align_loss=base_loss, base_loss=base_loss, aligned=False), log
+    return schedule.with_metadata(aligned_sigmas=best["sigmas"], aligned_shift=best["shift"], align_loss=best["loss"],
+                                  base_loss=base_loss, align={"method": "shift", "pairs": pairs,
+                                                              "shifts": [row["shift"] for row in log]}), log

@@ -188,9 +188,22 @@ class DiffusersRollouts:
             out[rows], passes[rows] = images, torch.tensor(realised.pop())
         return out, passes
 
+    def for_schedule(self, schedule: Schedule) -> DiffusersRollouts:
+        """This pipeline, or for a schedule aligned by ``recache align --pipeline`` (``aligned_shift``) the same
+        pipeline on the shift it was aligned to."""
+        shift = schedule.metadata.get("aligned_shift")
+        return self if shift is None else self.with_grid(self.steps, float(shift))
+
     def rollout(self, conds, seeds, schedules: list[Schedule],
                 mechanism: str | Mechanism) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every schedule on every (prompt, seed) pair: outputs (G, B, ...) and realised full passes (G, B)."""
+        """Every schedule on every (prompt, seed) pair: outputs (G, B, ...) and realised full passes (G, B); aligned
+        schedules on the grid they were aligned to (``for_schedule``), which must then be the same for all."""
+        shifts = {s.metadata.get("aligned_shift") for s in schedules}
+        if len(shifts) > 1:
+            raise RecacheError("schedules of one batched call must share their sigma grid (aligned or not)")
+        if shifts != {None}:
+            return self.for_schedule(schedules[0]).rollout(conds, seeds, [Schedule(s.mask) for s in schedules],
+                                                           mechanism)
         G, B = len(schedules), len(seeds)
         for schedule in schedules:
             if schedule.T != self.steps:
