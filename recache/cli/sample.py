@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         images, passes, how = pipe(classes, seeds), torch.full((len(classes),), pipe.steps), "uncached"
     else:
         images, passes = pipe.sample_with(schedule, mechanism, classes, seeds)
-        how = f"{mechanism}, {schedule.metadata.get('source', 'schedule')} schedule, computed steps {schedule.steps}"
+        how = describe(schedule, mechanism)
     seconds = time.perf_counter() - start
     grid = images.view(len(args.classes), args.per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
     save_image_grid(grid, args.out, nrow=len(args.classes))
@@ -76,11 +76,19 @@ def run_pipeline(args: argparse.Namespace, rollouts) -> int:
         images, passes, how = rollouts(conds, seeds), torch.full((n,), rollouts.steps), "uncached"
     else:
         images, passes = sample_with(rollouts, schedule, mechanism, conds, seeds)
-        how = f"{mechanism}, {schedule.metadata.get('source', 'schedule')} schedule, computed steps {schedule.steps}"
-        shift = schedule.metadata.get("aligned_shift")
-        how += f", aligned shift {shift:.4g}" if shift is not None else ""
+        how = describe(schedule, mechanism)
     seconds = time.perf_counter() - start
     save_image_grid(images, args.out, nrow=min(n, 8), scale=4 if rollouts.outputs_digits else 1)
     print(f"{n} image(s) x {rollouts.steps} steps, realised full passes per CFG branch: "
           f"{', '.join(map(str, passes.tolist()))} ({how}): {seconds:.2f} s -> {args.out}")
     return 0
+
+
+def describe(schedule, mechanism: str) -> str:
+    """How a sample was made: mechanism, where the schedule came from (and what a policy's guard did), its steps."""
+    meta = schedule.metadata
+    text = f"{mechanism}, {meta.get('source', 'schedule')} schedule"
+    text += (", uniform kept by the policy's guard" if meta.get("fallback") == "uniform"
+             else ", interpolated between the policy's trained settings" if meta.get("guard") == "interpolated" else "")
+    text += f", computed steps {schedule.steps}"
+    return text + (f", aligned shift {meta['aligned_shift']:.4g}" if meta.get("aligned_shift") is not None else "")
