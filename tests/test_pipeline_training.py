@@ -260,6 +260,9 @@ def test_cli_align_on_a_saved_pipeline_searches_the_scheduler_s_shift(saved_pipe
                  "--out", str(tmp_path / "s.png")]) == 0
     assert "realised full passes per CFG branch: 3 (taylorseer, uniform schedule, computed steps [0, 2, 5], " \
            "aligned shift 0.25)" in capsys.readouterr().out
+    assert main(["align", *common, "--schedule", str(tmp_path / "s3.json"), "--pairs", "2"]) == 0  # from the base
+    again = Schedule.load(tmp_path / "s3-aligned.json").metadata
+    assert again.get("aligned_shift") == aligned.metadata.get("aligned_shift") and again["base_loss"] == log[8]["loss"]
     pipe = tiny_flux_pipeline()
     recache.enable(pipe, schedule=shifted)
     try:

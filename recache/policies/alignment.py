@@ -26,6 +26,12 @@ from recache.sampling.sigmas import fit_shift
 from recache.schedule import Schedule
 
 SHIFT_FACTORS = tuple(2 ** (i / 4) for i in range(-8, 9))  # the shifts a pipeline's alignment tries: s0 / 4 .. 4 s0
+ALIGNED_KEYS = ("aligned_sigmas", "aligned_shift", "aligned", "align", "align_loss", "base_loss")
+
+
+def unaligned(schedule: Schedule) -> Schedule:
+    """The schedule without what an earlier alignment wrote: a new alignment starts from the base grid."""
+    return Schedule(schedule.mask, {k: v for k, v in schedule.metadata.items() if k not in ALIGNED_KEYS})
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def align_sigmas(schedule: Schedule, pipe: DigitPipeline, mechanism: str, config
     """The schedule with ``aligned_sigmas`` in its metadata, and the per-update log."""
     if schedule.T != pipe.steps:
         raise RecacheError(f"schedule has T={schedule.T} steps but the sampler runs {pipe.steps}")
-    name = mechanism
+    schedule, name = unaligned(schedule), mechanism
     classes, seeds = calibration_pairs(config.pairs)
     targets, noise = pipe(classes, seeds), pipe.noise(seeds)
     grid = MonotoneSigmas(pipe.sigmas)
@@ -111,7 +117,7 @@ def align_shift(schedule: Schedule, rollouts, mechanism: str, pairs: int,
         raise RecacheError(f"schedule has T={schedule.T} steps but the pipeline runs {rollouts.steps}")
     classes, seeds = calibration_pairs(pairs, num_conditions=rollouts.num_conditions)
     targets, base = rollouts(classes, seeds), fit_shift(rollouts.sigmas)[0]
-    plain, log = Schedule(schedule.mask), []
+    schedule, plain, log = unaligned(schedule), Schedule(schedule.mask), []
     for factor in tqdm(SHIFT_FACTORS, desc=f"align k={schedule.k}", disable=not progress):
         grid = rollouts.with_grid(rollouts.steps, base * factor)
         out, passes = grid.rollout(classes, seeds, [plain], mechanism)
