@@ -37,11 +37,8 @@ def main() -> None:
     pipe = DigitPipeline.from_pretrained() if args.pipeline is None else load_rollouts(args.pipeline)
     if pipe.guidance != trained["guidance"]:
         raise SystemExit(f"the policy was trained at guidance {trained['guidance']}, the sampler runs {pipe.guidance}")
-    settings = _settings(config, pipe)
-    for s in settings:
-        s.budgets = policy.config.budgets(s.T)
     with tempfile.TemporaryDirectory() as scratch:
-        fallback, ratios = guard_settings(policy, settings, config, Path(scratch))
+        fallback, ratios = guard_settings(policy, _settings(config, pipe), config, Path(scratch))
     if fallback != policy.config.fallback:
         raise SystemExit(f"the guard now gives fallback {fallback}, the policy has {policy.config.fallback}")
     policy.config = replace(policy.config, guard_ratios=ratios)

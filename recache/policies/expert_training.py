@@ -207,10 +207,11 @@ def guard_settings(policy: NoiseLevelPolicy, settings: list[_Setting], config: E
     mechanism, fallback, report, ratios = get_mechanism(config.mechanism), [], [], []
     for s in tqdm(settings, desc="guard", disable=not progress):
         objective = rollout_objective(s.pipe, mechanism, classes, seeds, s.pipe(classes, seeds))
-        learned = [tuple(policy.schedule(k, sigmas=s.sigmas, guarded=False).steps) for k in s.budgets]
-        uniform = [tuple(Schedule.uniform(s.T, k).steps) for k in s.budgets]
+        budgets = policy.config.budgets(s.T)
+        learned = [tuple(policy.schedule(k, sigmas=s.sigmas, guarded=False).steps) for k in budgets]
+        uniform = [tuple(Schedule.uniform(s.T, k).steps) for k in budgets]
         losses = objective(learned + uniform)
-        for k, mine, theirs in zip(s.budgets, losses, losses[len(learned):], strict=False):
+        for k, mine, theirs in zip(budgets, losses, losses[len(learned):], strict=False):
             entry = {"T": s.T, "shift": s.shift, "k": k}
             report.append({**entry, "learned_loss": mine, "uniform_loss": theirs, "fallback": mine >= theirs})
             fallback += [entry] if mine >= theirs else []

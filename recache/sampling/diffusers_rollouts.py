@@ -84,11 +84,13 @@ class DiffusersRollouts:
     def with_grid(self, steps: int, shift: float) -> DiffusersRollouts:
         """The same pipeline run for ``steps`` steps on the time-shifted grid of ``shift`` (1: the unshifted one), by
         a copy of its flow-matching scheduler with that static ``shift`` (a dynamic shift ``mu`` of FLUX is the
-        static shift ``exp(mu)``), used in place of its own for these rollouts only. For the v2 trainer."""
+        static shift ``exp(mu)``), used in place of its own for these rollouts only. For the v2 trainer and
+        ``align_shift``."""
         own = self.pipe.scheduler
         if "shift" not in own.config or not hasattr(type(own), "from_config"):
             raise RecacheError(f"the scheduler of this pipeline ({type(own).__name__}) has no time shift to set per "
-                               "grid; train it with --trainer reinforce, on its own grid")
+                               "grid, which v2 training and alignment on a pipeline need; train it with --trainer "
+                               "reinforce, on its own grid")
         scheduler = type(own).from_config(own.config, shift=float(shift), use_dynamic_shifting=False)
         return replace(self, steps=int(steps), scheduler=scheduler)
 
