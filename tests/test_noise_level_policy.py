@@ -11,16 +11,20 @@ from safetensors.torch import load_file
 
 from recache.errors import RecacheError
 from recache.io import read_jsonl
+from recache.mechanisms import get_mechanism
 from recache.policies import NoiseLevelConfig, NoiseLevelPolicy, ReCachePolicy, expert_training, load_policy
-from recache.policies.expert_iteration import ExpertConfig, relocations
+from recache.policies.budcache import rollout_objective
+from recache.policies.expert_iteration import ExpertConfig, best_per_budget, relocations, transferred
 from recache.policies.expert_training import train_noise_level
+from recache.protocol import calibration_pairs
 from recache.sampling.pipeline import DigitPipeline
 from recache.sampling.sigmas import fit_shift, get_sigmas
 from recache.schedule import Schedule
 
 TRAINED = NoiseLevelConfig(settings=[{"T": 20, "shift": 1.0}, {"T": 50, "shift": 3.0}], k_fraction=[0.1, 0.5])
 SHORT = ExpertConfig(steps=(6, 8), shifts=(1.0, 3.0), k_fraction=(0.25, 0.5), rounds=3, budgets_per_round=3,
-                     samples=2, neighbours=3, pairs=2, distil_steps=3, final_steps=6, hidden=16, seed=3)
+                     samples=2, neighbours=3, pairs=2, screen_pairs=1, promote=2, distil_steps=3, final_steps=6,
+                     hidden=16, seed=3)
 
 
 def _random_policy(config=TRAINED, seed=0):
@@ -181,6 +185,23 @@ def test_relocations_move_one_computed_step_and_never_step_0():
     assert len(moved) == len(set(moved)) == 12
     for m in moved:
         assert m[0] == 0 and len(m) == 4 and len(set(m) - set(steps)) == 1 and max(m) < 20
+    doubled = relocations(steps, 20, 12, 3, torch.Generator().manual_seed(0), moves=2)
+    assert all(m[0] == 0 and len(m) == 4 and 1 <= len(set(m) - set(steps)) <= 2 for m in doubled)
+    assert sum(len(set(m) - set(steps)) == 2 for m in doubled) >= 3  # the second move may take the same step
+
+
+def test_transfers_place_the_other_settings_elites_by_noise_level_with_the_same_k():
+    grids = [get_sigmas("linear", 50), get_sigmas("shifted:3", 50), get_sigmas("linear", 20)]
+    elites = {(0, 6): (0.1, (0, 1, 2, 4, 9, 30)), (2, 6): (0.2, (0, 1, 2, 3, 5, 12)), (2, 7): (0.3, tuple(range(7)))}
+    moved = transferred(grids, 6, elites, setting=1)
+    assert len(moved) == 2 and all(len(m) == 6 and m[0] == 0 and list(m) == sorted(set(m)) for m in moved)
+    for steps, (other, _) in zip(moved, [(0, 6), (2, 6)], strict=True):
+        source = grids[other][list(elites[other, 6][1])]
+        gaps = (grids[1][list(steps)] - source).abs()[1:]  # each the nearest step of shift 3's grid
+        spacing = (grids[1][:-1] - grids[1][1:]).max()
+        assert torch.all(gaps <= spacing), (steps, gaps)
+    (wider,) = transferred(grids, 7, elites, setting=0)  # T = 20 to 50: a step of 20 is 2.5 of 50
+    assert all(u in (5 * j // 2, (5 * j + 1) // 2) for j, u in enumerate(wider)), wider
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +243,22 @@ def test_expert_training_is_deterministic_guarded_and_resumes_bit_for_bit(pipe, 
         train_noise_level(other, tmp_path / "a", pipe, resume=True, progress=False)
 
 
+def test_screening_adds_up_to_the_objective_on_all_pairs_and_promotes_the_best_of_each_budget(pipe):
+    grid = DigitPipeline(pipe.model, get_sigmas("linear", 8), pipe.guidance, pipe.model_id, "linear")
+    classes, seeds = calibration_pairs(3)
+    mechanism, schedules = get_mechanism("taylorseer"), [(0, 3, 6), (0, 1, 2), (0, 2, 4, 6)]
+    full = rollout_objective(grid, mechanism, classes, seeds, grid(classes, seeds))(schedules)
+    split = expert_training._objective(grid, mechanism, classes, seeds, screen_pairs=1)
+    assert split(schedules) == pytest.approx(full, rel=1e-6) and split.share == pytest.approx(1 / 3)
+    assert split.head(schedules) != pytest.approx(full, rel=1e-3)  # one pair is not all three
+    items = [(3, (0, 1, 2)), (3, (0, 1, 3)), (3, (0, 1, 4)), (4, (0, 1, 2, 3)), (4, (0, 1, 2, 4))]
+    assert best_per_budget(items, [0.3, 0.1, 0.2, 0.5, 0.4], 2) == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"steps": (3,)}, "step counts"), ({"shifts": (0.0,)}, "shifts"), ({"samples": 0, "neighbours": 0}, "proposals"),
-    ({"k_fraction": (0.5, 0.2)}, "k_fraction"), ({"rounds": 0}, "rounds"),
+    ({"k_fraction": (0.5, 0.2)}, "k_fraction"), ({"rounds": 0}, "rounds"), ({"screen_pairs": 8}, "screen_pairs"),
+    ({"screen_pairs": 2, "promote": 0}, "promote"),
 ])
 def test_bad_expert_settings(kwargs, pattern):
     with pytest.raises(RecacheError, match=pattern):

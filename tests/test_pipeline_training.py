@@ -79,7 +79,8 @@ def test_v2_training_on_a_pipeline_trains_its_grids_and_plans_by_the_scheduler_s
 
     own = rollouts.pipe.scheduler
     config = ExpertConfig(mechanism="reuse", steps=(6,), shifts=(1.0, 3.0), k_fraction=(0.3, 0.5), rounds=1,
-                          budgets_per_round=2, samples=1, neighbours=1, pairs=2, distil_steps=2, final_steps=3)
+                          budgets_per_round=2, samples=1, neighbours=1, pairs=2, screen_pairs=1, distil_steps=2,
+                          final_steps=3)
     policy = train_noise_level(config, tmp_path / "v2", rollouts, progress=False)
     assert rollouts.pipe.scheduler is own and own.config.shift == 1.0
     assert policy.config.settings == [{"T": 6, "shift": 1.0}, {"T": 6, "shift": 3.0}]

@@ -27,7 +27,7 @@ from recache.evaluation.plots import EXPERT_CURVES, plot_training_curve
 from recache.io import read_jsonl
 from recache.mechanisms import MECHANISMS
 from recache.metrics.reward import FIDELITIES
-from recache.policies.expert_iteration import ExpertConfig
+from recache.policies.expert_iteration import ROUNDS, ExpertConfig
 from recache.policies.expert_training import train_noise_level
 from recache.policies.noise_level import grid_name
 from recache.policies.reinforce import TrainConfig
@@ -35,7 +35,7 @@ from recache.policies.training import LOG, POLICY, train_recache
 
 TRAINERS = ("expert", "reinforce")
 REINFORCE_OPTIONS = ("k_min", "k_max", "updates", "group", "entropy", "fidelity", "alpha", "pool", "steps", "sigmas")
-EXPERT_OPTIONS = ("train_steps", "train_shifts", "rounds")
+EXPERT_OPTIONS = ("train_steps", "train_shifts", "rounds", "screen_pairs")
 
 
 def add_parser(sub) -> None:
@@ -52,7 +52,12 @@ def add_parser(sub) -> None:
     p.add_argument("--train-shifts", type=float_list, default=None,
                    help="expert: the time-shifted sigma grids to train on, by shift (1 = linear; default: "
                         f"{','.join(f'{s:g}' for s in e.shifts)})")
-    p.add_argument("--rounds", type=positive_int, default=None, help=f"expert: rounds (default: {e.rounds})")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help=f"expert: rounds (default: {ROUNDS['default']}; {ROUNDS['delta']} for delta, whose rollouts "
+                        "cost more)")
+    p.add_argument("--screen-pairs", type=int, default=None,
+                   help="expert: score each proposal on this many of the calibration pairs first and only the best "
+                        f"{e.promote} of each budget on the rest (0: off; default: {e.screen_pairs})")
     p.add_argument("--mechanism", choices=list(MECHANISMS), default=d.mechanism,
                    help=f"caching mechanism (default: {d.mechanism})")
     p.add_argument("--k-min", type=positive_int, default=None,
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         raise RecacheError("the expert trainer runs in one process; leave out --nproc (or use --trainer reinforce)")
     named = {"steps": args.train_steps, "shifts": args.train_shifts, "rounds": args.rounds, "pairs": args.pairs,
-             "lr": args.lr}
+             "lr": args.lr, "screen_pairs": args.screen_pairs}
     config = ExpertConfig(mechanism=args.mechanism, seed=args.seed,
                           **{k: tuple(v) if isinstance(v, list) else v for k, v in named.items() if v is not None})
     out = Path(args.out)

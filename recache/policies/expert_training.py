@@ -22,7 +22,7 @@ from recache.errors import RecacheError, is_whole
 from recache.io import folder_lock, read_jsonl, remove_stale_temporaries, write_json, write_jsonl
 from recache.mechanisms import get_mechanism
 from recache.policies.budcache import rollout_objective
-from recache.policies.expert_iteration import WARM_POWERS, ExpertConfig, distil, improve, power_steps
+from recache.policies.expert_iteration import WARM_POWERS, ExpertConfig, SplitObjective, distil, improve, power_steps
 from recache.policies.noise_level import NoiseLevelConfig, NoiseLevelPolicy, grid_name
 from recache.protocol import calibration_pairs
 from recache.sampling.interface import Sampler
@@ -58,7 +58,7 @@ def train_noise_level(config: ExpertConfig, out: str | Path, pipe: Sampler | Non
     grids = [s.sigmas for s in settings]
     with folder_lock(out):
         remove_stale_temporaries(out)
-        first, log, memo = _restore(out, resume, config, policy, optimizer, generator)
+        first, log, memo, screened = _restore(out, resume, config, policy, optimizer, generator)
         uniform = _uniform_elites(settings, memo)
         elites = _elites(memo, settings)
         if first == 0:
@@ -67,16 +67,18 @@ def train_noise_level(config: ExpertConfig, out: str | Path, pipe: Sampler | Non
         for r in tqdm(range(first, config.rounds), initial=first, total=config.rounds, disable=not progress,
                       desc=f"train v2 {config.mechanism}"):
             began = time.perf_counter()
-            improved, scored = improve(policy, grids, [s.objective for s in settings], elites, memo,
+            improved, scored = improve(policy, grids, [s.objective for s in settings], elites, memo, screened,
                                        _round_keys(keys, settings, r, config), config, generator)
             loss = distil(policy, optimizer, grids, elites, config.distil_steps)
             log.append({"round": r, "improved": improved, "scored": scored, "distil_loss": loss,
                         **_progress(elites, uniform), "seconds": round(time.perf_counter() - began, 4)})
-            _checkpoint(out, config, policy, optimizer, generator, memo, log, r + 1)
+            _checkpoint(out, config, policy, optimizer, generator, (memo, screened), log, r + 1)
         distil(policy, optimizer, grids, elites, config.final_steps)
         policy.eval()
         fallback, ratios = guard_settings(policy, settings, config, out, progress)
-        rollouts = sum(map(len, memo)) * config.pairs + 2 * len(elites) * GUARD_PAIRS
+        rollouts = (sum(map(len, memo)) * config.pairs + 2 * len(elites) * GUARD_PAIRS
+                    + sum(len(dropped.keys() - kept.keys()) for dropped, kept in zip(screened, memo, strict=True))
+                    * config.screen_pairs)
         policy.config = replace(policy.config, fallback=fallback, guard_ratios=ratios,
                                 training={**policy.config.training, "rollouts": rollouts})
         policy.save_pretrained(out / POLICY)
@@ -114,9 +116,20 @@ def _settings(config: ExpertConfig, pipe: Sampler) -> list[_Setting]:
             else:
                 grid = pipe.with_grid(T, shift)
                 fitted = round(fit_shift(grid.sigmas)[0], 6)
-            objective = rollout_objective(grid, mechanism, classes, seeds, grid(classes, seeds))
-            settings.append(_Setting(T, fitted, grid, grid.sigmas, objective))
+            settings.append(_Setting(T, fitted, grid, grid.sigmas, _objective(grid, mechanism, classes, seeds,
+                                                                               config.screen_pairs)))
     return settings
+
+
+def _objective(pipe: Sampler, mechanism, classes, seeds, screen_pairs: int):
+    """BudCache's objective on the pairs; with screening, as the first ``screen_pairs`` and the rest."""
+    targets = pipe(classes, seeds)
+    if not screen_pairs:
+        return rollout_objective(pipe, mechanism, classes, seeds, targets)
+    head, tail = slice(0, screen_pairs), slice(screen_pairs, None)
+    return SplitObjective(rollout_objective(pipe, mechanism, classes[head], seeds[head], targets[head], chunk=16),
+                          rollout_objective(pipe, mechanism, classes[tail], seeds[tail], targets[tail]),
+                          screen_pairs / len(seeds))
 
 
 def _uniform_elites(settings: list[_Setting], memo: list[dict]) -> dict:
@@ -162,13 +175,14 @@ def _progress(elites: dict, uniform: dict) -> dict:
             "elite_vs_uniform": sum(ratios) / len(ratios)}
 
 
-def _checkpoint(out: Path, config: ExpertConfig, policy, optimizer, generator, memo: list[dict], log: list,
+def _checkpoint(out: Path, config: ExpertConfig, policy, optimizer, generator, scores: tuple[list, list], log: list,
                 rounds: int) -> None:
-    """The run after ``rounds`` rounds: the log, then policy, Adam, generator and every scored schedule (in order)."""
+    """The run after ``rounds`` rounds: the log, then policy, Adam, generator and every scored schedule (in order):
+    ``scores`` is the memo (losses on all pairs) and the screened losses."""
     write_jsonl(out / LOG, log)
-    scored = [[[list(steps), loss] for steps, loss in setting.items()] for setting in memo]
+    memo, screened = ([[[list(steps), loss] for steps, loss in setting.items()] for setting in part] for part in scores)
     save_checkpoint(out / CHECKPOINT, {"policy": policy}, optimizer, {"train": generator}, rounds,
-                    {"config": _jsonable(config), "memo": scored})
+                    {"config": _jsonable(config), "memo": memo, "screened": screened})
 
 
 def _jsonable(config: ExpertConfig) -> dict:
@@ -176,10 +190,10 @@ def _jsonable(config: ExpertConfig) -> dict:
 
 
 def _restore(out: Path, resume: bool, config: ExpertConfig, policy, optimizer, generator):
-    """``(first round, log, memo)``: a resumed run's, or ``(0, [], empty memo)`` for a new one."""
+    """``(first round, log, memo, screened)``: a resumed run's, or ``(0, [], empty, empty)`` for a new one."""
     settings = len(config.steps) * len(config.shifts)
     if not (out / CHECKPOINT).exists():
-        return 0, [], [{} for _ in range(settings)]
+        return 0, [], [{} for _ in range(settings)], [{} for _ in range(settings)]
     if not resume:
         raise RecacheError(f"{out} already holds a training run; resume it (--resume) or choose another --out")
     rounds, extra = load_checkpoint(out / CHECKPOINT, {"policy": policy}, optimizer, {"train": generator})
@@ -188,14 +202,15 @@ def _restore(out: Path, resume: bool, config: ExpertConfig, policy, optimizer, g
     if not is_whole(rounds, 0, config.rounds):
         raise RecacheError(f"checkpoint {out / CHECKPOINT} holds {rounds} rounds, not 0-{config.rounds}")
     try:
-        memo = [{tuple(int(s) for s in steps): float(loss) for steps, loss in setting} for setting in extra["memo"]]
-        if len(memo) != settings:
-            raise ValueError(f"{len(memo)} settings, not {settings}")
+        memo, screened = ([{tuple(int(s) for s in steps): float(loss) for steps, loss in setting} for setting in part]
+                          for part in (extra["memo"], extra.get("screened", [[]] * settings)))
+        if len(memo) != settings or len(screened) != settings:
+            raise ValueError(f"{len(memo)} and {len(screened)} settings, not {settings}")
     except (KeyError, TypeError, ValueError) as e:
         raise RecacheError(f"checkpoint {out / CHECKPOINT} has a damaged memo ({e}); "
                            "delete it to start afresh") from None
     logged = read_jsonl(out / LOG, "training log") if (out / LOG).exists() else []
-    return rounds, [row for row in logged if is_whole(row.get("round"), 0, rounds - 1)], memo
+    return rounds, [row for row in logged if is_whole(row.get("round"), 0, rounds - 1)], memo, screened
 
 
 def guard_settings(policy: NoiseLevelPolicy, settings: list[_Setting], config: ExpertConfig, out: Path,

@@ -31,7 +31,7 @@ from recache.mechanisms import MECHANISMS
 from recache.policies.pretrained import load_policy_weights, read_policy_config, resolve_policy, write_policy
 from recache.policies.recache import MAX_HIDDEN, ReCachePolicy, SchedulePolicy, policy_mlp
 from recache.sampling.sigmas import GRID_FIT_TOLERANCE, fit_shift, get_sigmas
-from recache.schedule import Schedule, check_budget, spread_steps
+from recache.schedule import Schedule, check_budget, steps_at_noise_levels
 
 KIND = "recache-v2"
 OCTAVES, BUDGET_FREQUENCIES = 6, 8
@@ -251,17 +251,14 @@ class NoiseLevelPolicy(SchedulePolicy):
         """Budget ``k`` between trained settings (ours, measured on calibration pairs, docs/recache.md): the
         computed steps' noise levels of the four trained settings around it (same k, each on its own grid),
         averaged with the bilinear weights of ``_corners``, each placed on the nearest step of ``sigmas``
-        (``spread_steps`` keeps them distinct). The guard keeps uniform unless every one of those settings has k
+        (``steps_at_noise_levels``). The guard keeps uniform unless every one of those settings has k
         in its range and its learned schedule beat uniform clearly (guard MSE ratio <= ``TRANSFER_RATIO``)."""
         usable = [(t, x, w) for t, x, w in corners if k in self.config.budgets(t)]
         doubtful = len(usable) < len(corners) or any(self._guard_ratio(t, x, k) > TRANSFER_RATIO for t, x, _ in usable)
         if not usable or (guarded and doubtful):
             return None, "uniform"
         target = sum(w * self._step_sigmas(k, get_sigmas(grid_name(x), t)) for t, x, w in usable)
-        target = target / sum(w for *_, w in usable)
-        T = len(sigmas) - 1
-        nearest = (sigmas[1:T, None].double() - target[None, 1:]).abs().argmin(0) + 1
-        return spread_steps(sorted([0, *nearest.tolist()]), T), "interpolated"
+        return steps_at_noise_levels(target / sum(w for *_, w in usable), sigmas), "interpolated"
 
     def _fell_back(self, T: int, shift: float, k: int) -> bool:
         return any(f["T"] == T and _same_shift(shift, f["shift"]) and f["k"] == k for f in self.config.fallback)

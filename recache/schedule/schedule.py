@@ -42,6 +42,15 @@ def spread_steps(steps: Sequence[int], T: int) -> list[int]:
     return steps
 
 
+def steps_at_noise_levels(levels: torch.Tensor, sigmas: torch.Tensor) -> list[int]:
+    """Step 0 and, for each noise level after the first of ``levels`` (the computed steps' sigmas of a schedule on
+    another grid, from the highest), the step of ``sigmas`` (T + 1 values) nearest to it, kept distinct by
+    ``spread_steps``: the same number of computed steps, placed by noise level rather than by index (ours)."""
+    T = len(sigmas) - 1
+    nearest = (sigmas[1:T, None].double() - levels.double()[None, 1:]).abs().argmin(0) + 1
+    return spread_steps(sorted([0, *nearest.tolist()]), T)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A compute mask over T steps plus metadata (sigma grid, model id, mechanism, source policy)."""
