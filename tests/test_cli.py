@@ -125,10 +125,10 @@ def test_sample_with_budget_reports_realised_passes(capsys, tmp_path):
 
 
 def test_sample_says_where_a_policy_interpolated_or_kept_uniform(capsys, tmp_path):
-    """T = 40 on a shift-2 grid lies between the shipped policy's trained settings: k = 5 is interpolated, k = 10
+    """T = 40 on a shift-2 grid lies between the shipped policy's trained settings: k = 5 is interpolated, k = 16
     kept uniform (the settings around it did not clearly beat uniform there), and the line says which."""
-    for k, said in ((5, "interpolated between the policy's trained settings"), (10, "uniform kept by the policy's "
-                                                                                  "guard, computed steps [0, 4, 9,")):
+    for k, said in ((5, "interpolated between the policy's trained settings"), (16, "uniform kept by the policy's "
+                                                                                  "guard, computed steps [0, 3, 5,")):
         assert main(["sample", "--policy", "mnist-dit-taylorseer", "--budget", str(k), "--steps", "40", "--sigmas",
                      "shifted:2", "--classes", "3", "--out", str(tmp_path / "x.png")]) == 0
         assert f"realised full passes per sample: {k} (taylorseer, recache schedule, {said}" in capsys.readouterr().out
