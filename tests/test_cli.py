@@ -335,4 +335,8 @@ def test_train_refuses_bad_settings_before_writing(capsys, tmp_path):
     _check_one_line(capsys, r"--rounds needs --trainer expert")
     assert main(["train", "--train-shifts", "0,3", "--out", str(out)]) == 2
     _check_one_line(capsys, r"trained grid shifts must be in \(0, 100\], got \[0.0, 3.0\]")
+    assert main(["train", "--screen-pairs", "8", "--out", str(out)]) == 2  # 8 pairs by default: 0-7 may screen
+    _check_one_line(capsys, r"screen_pairs must be from 0 \(off\) to pairs - 1 = 7 and promote >= 1, got 8 and 4")
+    assert main(["train", "--trainer", "reinforce", "--screen-pairs", "2", "--out", str(out)]) == 2
+    _check_one_line(capsys, r"--screen-pairs needs --trainer expert")
     assert not out.exists()
