@@ -29,7 +29,8 @@ from recache.schedule import Budget, Schedule
 def enable(pipe, budget: Budget | None = None, *,
            policy: str | os.PathLike | ReCachePolicy | NoiseLevelPolicy | None = None,
            mechanism: str | None = None, schedule: str | os.PathLike | Schedule | None = None,
-           num_inference_steps: int | None = None, allow_extrapolate: bool = False):
+           num_inference_steps: int | None = None, allow_extrapolate: bool = False,
+           uncond_budget: Budget | None = None):
     """Cache ``pipe``'s transformer to ``budget`` full passes per generation (and per CFG branch).
 
     ``budget``: an int ``k``, a fraction of the steps in (0, 1] or a speed-up like ``"4x"``, resolved against each
@@ -37,8 +38,10 @@ def enable(pipe, budget: Budget | None = None, *,
     passes; without it the passes are spread uniformly, or follow the fixed ``schedule`` (a file or ``Schedule``).
     ``mechanism`` defaults to the policy's (else ``taylorseer``). A policy plans for the step count and sigma grid
     of each call (the pipeline's scheduler tells them) and refuses ones outside its trained range unless
-    ``allow_extrapolate``. Every argument is checked before anything is registered, so a refused call leaves
-    ``pipe`` unmodified. Returns ``pipe``."""
+    ``allow_extrapolate``. ``uncond_budget``: the unconditional CFG branch's own budget (default ``budget``), also
+    where the pipeline batches both branches in one call (SD3: by halves of the batch, ``RecacheHookConfig``).
+    Every argument is checked before anything is registered, so a refused call leaves ``pipe`` unmodified.
+    Returns ``pipe``."""
     denoisers = denoisers_of(pipe)
     for transformer in denoisers:
         transformer_blocks(transformer)
@@ -55,8 +58,18 @@ def enable(pipe, budget: Budget | None = None, *,
                      else (schedule.metadata.get("mechanism") if schedule else None) or DEFAULT_MECHANISM)
     apply_recache(denoisers, RecacheHookConfig(budget=budget, mechanism=mechanism, policy=policy, schedule=schedule,
                                                num_inference_steps=num_inference_steps, clock=pipeline_clock(pipe),
-                                               allow_extrapolate=allow_extrapolate))
+                                               allow_extrapolate=allow_extrapolate, uncond_budget=uncond_budget,
+                                               batched_cfg=_batched_cfg(pipe)))
     return pipe
+
+
+def _batched_cfg(pipe):
+    """Whether the pipeline's calls outside any cache context batch the CFG branches [uncond; cond], read at each
+    generation's start: SD3 and the other pipelines with a ``do_classifier_free_guidance`` property (those that run
+    the branches as two calls name them by cache context, which decides first)."""
+    if not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        return None
+    return lambda: bool(pipe.do_classifier_free_guidance)
 
 
 def disable(pipe):
@@ -105,7 +118,9 @@ def _describe(r: dict) -> str:
     passes (calls made over blocks run), and whether the generation ran all its steps."""
     done, ran = len(r["computed_steps"]), steps_run(r)
     calls, passes = ran + r["extra_calls"], done + r["extra_passes"]
-    text = (f"{done} computed / {r['cached_steps']} cached of T={r['T']} (budget k={r['k']}, {r['source']} "
+    budget = (f"k={r['k'][0]} for the unconditional half of the batch and {r['k'][1]} for the conditional, "
+              f"realised {r['row_passes'][0]} and {r['row_passes'][1]}" if r.get("by_halves") else f"k={r['k']}")
+    text = (f"{done} computed / {r['cached_steps']} cached of T={r['T']} (budget {budget}, {r['source']} "
             f"schedule), computed steps {r['computed_steps']}")
     if r.get("fallback"):
         text += f"; the policy's guard kept the {r['fallback']} schedule for this budget, T and grid"

@@ -109,3 +109,73 @@ def test_row_schedules_bad_input_is_one_line():
             tiny_euler(transformer, "FluxTransformer2DModel", T)
     finally:
         remove_recache(transformer)
+
+
+def attention_rows(transformer) -> list[int]:
+    """The batch rows each block's attention really ran on, call by call (counted apart from the masks)."""
+    rows = []
+
+    def note(module, args, kwargs):
+        rows.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0])
+
+    for block in transformer_blocks(transformer):
+        (getattr(block, "attn", None) or block.attn1).register_forward_pre_hook(note, with_kwargs=True)
+    return rows
+
+
+def test_sd3_batched_cfg_runs_the_unconditional_half_of_the_batch_by_its_own_budget():
+    """uncond_budget on SD3 (both branches in one call, [uncond; cond] rows): each half realises its own k, counted
+    by the rows the attention runs on, and the images are those of the same plans given as row schedules."""
+    import recache
+
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    blocks = len(transformer_blocks(pipe.transformer))
+    rows = attention_rows(pipe.transformer)
+
+    def images():
+        call = {**SD3_CALL, "prompt": ["a cat", "a dog"], "num_inference_steps": T}
+        return pipe(**call, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+
+    recache.enable(pipe, budget=4, uncond_budget=2, mechanism="reuse")
+    halves, summary = images(), recache.summary(pipe)
+    recache.disable(pipe)
+    record = summary.last["default"]
+    assert (record["k"], record["row_passes"], record["by_halves"]) == ([2, 4], [2, 4], True)
+    assert sum(rows) == blocks * 2 * (2 + 4)  # 2 prompts per half: uncond rows run 2 steps, cond rows 4
+    assert "k=2 for the unconditional half of the batch and 4 for the conditional, realised 2 and 4" in str(summary)
+    uncond, cond = Schedule.uniform(T, 2), Schedule.uniform(T, 4)
+    apply_recache(pipe.transformer, RecacheHookConfig(row_schedules=[uncond, uncond, cond, cond], mechanism="reuse",
+                                                      clock=pipeline_clock(pipe)))
+    try:
+        assert torch.equal(halves, images())
+    finally:
+        remove_recache(pipe.transformer)
+    recache.enable(pipe, budget=4, mechanism="reuse")  # without uncond_budget both halves share the budget
+    assert not torch.equal(halves, images())
+    recache.disable(pipe)
+
+
+def test_flux_true_cfg_plans_the_uncond_context_by_its_own_budget():
+    import recache
+
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    runs = block_runs(pipe.transformer)
+    recache.enable(pipe, budget=4, uncond_budget="3x")
+    pipe(**FLUX_CALL, negative_prompt="x", true_cfg_scale=2.0, num_inference_steps=T)
+    last = recache.summary(pipe).last
+    recache.disable(pipe)
+    assert {ctx: (r["k"], len(r["computed_steps"])) for ctx, r in last.items()} == {"cond": (4, 4), "uncond": (2, 2)}
+    assert runs[0] == (4 + 2) * len(transformer_blocks(pipe.transformer))
+
+
+def test_uncond_budget_bad_input_is_one_line():
+    with pytest.raises(RecacheError, match="uncond_budget goes with a budget"):
+        RecacheHookConfig(schedule=A, uncond_budget=2)
+    with pytest.raises(RecacheError, match="uncond_budget goes with a budget"):
+        RecacheHookConfig(row_schedules=[A], uncond_budget=2)
+    with pytest.raises(RecacheError, match="budget"):
+        RecacheHookConfig(budget=3, uncond_budget=0)
+    with pytest.raises(RecacheError, match="k=7"):
+        RecacheHookConfig(budget=3, uncond_budget=7, num_inference_steps=T)

@@ -11,7 +11,9 @@ forecast from the last computed steps. Embeddings and the final norm/projection 
 The mask of a generation comes from a fixed ``Schedule``, a learned planner (a ``ReCachePolicy``, for any step
 count) or the uniform schedule, for the budget resolved against the generation's step count ``T``. State is kept
 per cache context (diffusers pipelines call the transformer in ``cache_context("cond")`` / ``("uncond")``, so each
-CFG branch runs its own budget), starts afresh with every generation, and is dropped after its last step.
+CFG branch runs its own budget), starts afresh with every generation, and is dropped after its last step. The
+unconditional branch may have a budget of its own (``uncond_budget``), also where a pipeline batches both branches
+in one call: its rows are then planned by halves.
 
 A pipeline with two denoisers (Wan 2.2: a high-noise and a low-noise expert) is hooked as one: the generation has one
 schedule of exactly ``k`` passes over both, and each expert keeps its own residuals. The first step an expert runs
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,7 @@ from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_for
 
 _CALL_HOOK, _BLOCK_HOOK = "recache_call", "recache_block"
 _DEFAULT_CONTEXT = "default"  # the state of calls made outside any cache_context
+UNCOND, BATCHED = "uncond", "cond_uncond"  # diffusers' contexts of the unconditional branch and of both batched
 _GIVE_STEPS = ("give the loop's step count (num_inference_steps, recache.refresh, or "
                "cache_context(name, step_index=i, num_inference_steps=T))")
 
@@ -66,6 +69,14 @@ class RecacheHookConfig:
             gives both halves the same schedules. At a step where only some rows compute, the blocks run on those
             rows alone (every block argument with the call's batch rows is sliced) and the others take their
             estimate.
+        uncond_budget: the full passes of the unconditional CFG branch, when they should differ from ``budget``
+            (ours; FasterCache, Lv et al. 2024, found that branch the more redundant one). Its calls are known by
+            their cache context: "uncond" (CFG as two calls: FLUX's true CFG, Wan) is planned for it; a call that
+            batches both branches ("cond_uncond": CogVideoX, LTX, Mochi; or, with ``batched_cfg``, SD3's calls
+            outside any context) gives the first half of its rows, the unconditional ones in diffusers' order, this
+            budget and the second half ``budget``.
+        batched_cfg: whether a call made outside any cache context batches the CFG branches [uncond; cond], asked
+            at the start of each generation (``recache.enable`` reads the pipeline's ``do_classifier_free_guidance``).
     """
 
     budget: Budget | None = None
@@ -76,6 +87,8 @@ class RecacheHookConfig:
     clock: Clock | None = field(default=None, repr=False)
     allow_extrapolate: bool = False
     row_schedules: tuple[Schedule, ...] | None = None
+    uncond_budget: Budget | None = None
+    batched_cfg: Callable[[], bool] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.mechanism not in HOOK_MECHANISMS:
@@ -96,8 +109,10 @@ class RecacheHookConfig:
                                f"not {self.mechanism!r}")
         if self.budget is not None:
             check_budget_form(self.budget)
-        if self.num_inference_steps is not None:
-            self.plan_rows(self.num_inference_steps)  # a budget that cannot run is refused now, not at the first call
+        if self.uncond_budget is not None:
+            self._check_uncond_budget()
+        if self.num_inference_steps is not None:  # a budget that cannot run is refused now, not at the first call
+            self.plan_rows(self.num_inference_steps, branch=BATCHED)
         if self.fixed_steps is not None:
             self.plan_rows(self.fixed_steps)
 
@@ -117,20 +132,31 @@ class RecacheHookConfig:
             raise RecacheError(f"row schedules must share one step count, got T = "
                                f"{sorted({s.T for s in self.row_schedules})}")
 
-    def plan_rows(self, T: int, sigmas: torch.Tensor | None = None) -> list[Schedule]:
-        """The schedule of each batch row of a generation of ``T`` steps (one, shared, unless ``row_schedules``)."""
+    def _check_uncond_budget(self) -> None:
+        if self.budget is None or self.schedule is not None or self.row_schedules is not None:
+            raise RecacheError("uncond_budget goes with a budget (and optionally a policy), not with a fixed schedule "
+                               "or row schedules")
+        check_budget_form(self.uncond_budget)
+
+    def plan_rows(self, T: int, sigmas: torch.Tensor | None = None, branch: str | None = None) -> list[Schedule]:
+        """The schedule of each batch row of a generation of ``T`` steps: one, shared, unless ``row_schedules``, or,
+        with ``uncond_budget``, the unconditional branch's for a call of that branch (``branch`` ``UNCOND``) and
+        [unconditional, conditional] for one that batches both (``BATCHED``: by halves of the rows)."""
         if self.row_schedules is None:
-            return [self.plan(T, sigmas)]
+            if self.uncond_budget is None or branch is None:
+                return [self.plan(T, sigmas)]
+            uncond = self.plan(T, sigmas, self.uncond_budget)
+            return [uncond] if branch == UNCOND else [uncond, self.plan(T, sigmas)]
         if self.row_schedules[0].T != T:
             raise RecacheError(f"the row schedules are for T={self.row_schedules[0].T} steps, but this call runs {T}")
         for schedule in self.row_schedules:
             check_aligned_grid(schedule, sigmas)
         return list(self.row_schedules)
 
-    def plan(self, T: int, sigmas: torch.Tensor | None = None) -> Schedule:
+    def plan(self, T: int, sigmas: torch.Tensor | None = None, budget: Budget | None = None) -> Schedule:
         """The schedule of a generation of ``T`` steps on the sampler's grid ``sigmas`` (``T + 1`` values, when the
-        pipeline's scheduler tells them): a policy checks the grid against its trained ones, a fixed schedule with
-        ``aligned_sigmas`` must run on them."""
+        pipeline's scheduler tells them), for ``budget`` (default: the config's): a policy checks the grid against
+        its trained ones, a fixed schedule with ``aligned_sigmas`` must run on them."""
         if self.schedule is not None:
             if self.schedule.T != T:
                 raise RecacheError(f"the schedule is for T={self.schedule.T} steps, but this call runs {T}")
@@ -139,7 +165,7 @@ class RecacheHookConfig:
                                    f"the schedule has k={self.schedule.k}")
             check_aligned_grid(self.schedule, sigmas)
             return self.schedule
-        k = resolve_budget(self.budget, T)
+        k = resolve_budget(self.budget if budget is None else budget, T)
         if self.policy is None:
             return Schedule.uniform(T, k)
         takes = inspect.signature(self.policy.schedule_for_steps).parameters  # a planner of one's own may take (k, T)
@@ -220,6 +246,7 @@ class _ContextState(BaseState):
         self.masks: torch.Tensor | None = None  # (rows, T): the generation's plans, as it goes (a pass may move to
         self.planned: torch.Tensor | None = None  # where an expert starts); the rows' plans at this call's step
         self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
+        self.by_halves = False  # the plans cover the rows by halves ([uncond; cond]), not in turn (row r: r mod R)
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
         self.added_h = self.added_e = None  # what the model added to the streams between blocks (ControlNet)
@@ -367,14 +394,16 @@ def _put(meta, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict
 @torch.compiler.disable
 def _split_rows(st: _ContextState) -> None:
     """At a step where only some rows' schedules compute: which rows of the call compute and which take their
-    estimate (row ``r`` of a call follows plan ``r mod R``)."""
+    estimate (row ``r`` of a call follows plan ``r mod R``, or, by halves, plan ``r // (rows / 2)``)."""
     if st.planned is None or bool(st.planned.all()):
         return
     rows, plans = st.h_in.shape[0], len(st.planned)
     if rows % plans:
-        raise RecacheError(f"a call of {rows} batch rows cannot follow {plans} row schedules: its batch must be a "
+        what = "branches' schedules, by halves" if st.by_halves else "row schedules"
+        raise RecacheError(f"a call of {rows} batch rows cannot follow {plans} {what}: its batch must be a "
                            "multiple of their number")
-    computes = st.planned.repeat(rows // plans).to(st.h_in.device)
+    each = rows // plans
+    computes = (st.planned.repeat_interleave(each) if st.by_halves else st.planned.repeat(each)).to(st.h_in.device)
     st.computed_rows, st.cached_rows = computes.nonzero().squeeze(1), (~computes).nonzero().squeeze(1)
 
 
@@ -455,7 +484,8 @@ class _CallHook(ModelHook):
         if (self.expert, index) not in st.streams:
             self._new_stream(st, index)
         st.stream = st.streams[(self.expert, index)]
-        st.planned = st.masks[:, position.step] if st.stream.recorded else torch.ones(len(st.masks), dtype=torch.bool)
+        masks = st.masks[-1:] if st.by_halves and index else st.masks  # a further call (skip-layer guidance): cond
+        st.planned = masks[:, position.step] if st.stream.recorded else torch.ones(len(masks), dtype=torch.bool)
         st.compute, st.filled, st.cached_rows, st.computed_rows = bool(st.planned.any()), False, None, None
         st.h_in = st.e_in = st.h_out = st.e_out = st.added_h = st.added_e = None
         if index > 0:
@@ -490,19 +520,26 @@ class _CallHook(ModelHook):
                                "RecacheHookConfig (or use recache.enable on the pipeline)")
         check_blocks_not_compiled(self.model_name, self.blocks)
         sigmas = position.sigmas.detach().double().cpu() if position.sigmas is not None else None
-        schedules = self.config.plan_rows(int(T), sigmas)  # refused here, the last generation's state is untouched
+        name = self.state_manager.context.name
+        branch = name if name in (UNCOND, BATCHED) else None
+        if name == _DEFAULT_CONTEXT and self.config.batched_cfg is not None and self.config.batched_cfg():
+            branch = BATCHED
+        schedules = self.config.plan_rows(int(T), sigmas, branch)  # refused here, the last generation is untouched
+        by_halves = len(schedules) == 2 and self.config.row_schedules is None
+        if by_halves and len(self.group) > 1:
+            raise RecacheError("uncond_budget on a call batching both CFG branches runs on one denoiser; this "
+                               f"pipeline has {len(self.group)} (Wan 2.2's experts): leave uncond_budget out")
         self._close(st)
         st.reset()
-        schedule = schedules[0]
+        schedule, st.by_halves = schedules[0], by_halves
         st.schedule, st.masks, st.calls_in_step = schedule, torch.tensor([s.mask for s in schedules]), 1
-        name = self.state_manager.context.name
         if name in self.stats.current:
             self.stats.finish()
         st.record = self.stats.current[name] = {
             "T": schedule.T, "k": schedule.k if len(schedules) == 1 else [s.k for s in schedules],
             "computed_steps": [], "cached_steps": 0, "row_passes": [0] * len(schedules),
             "source": schedule.metadata.get("source", "schedule"), "extra_calls": 0, "extra_passes": 0,
-            "moved_passes": [],
+            "moved_passes": [], **({"by_halves": True} if st.by_halves else {}),
             **{key: schedule.metadata[key] for key in ("fallback", "guard") if key in schedule.metadata}}
 
     def _check_residual(self, st: _ContextState) -> None:
