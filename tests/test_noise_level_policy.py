@@ -110,6 +110,8 @@ def test_a_schedule_between_trained_settings_follows_their_noise_levels_and_thei
                                                                                 "uniform")
     assert doubtful.schedule(8, sigmas=get_sigmas("shifted:2", 50), guarded=False).metadata["guard"] == "interpolated"
     assert doubtful.schedule(9, sigmas=get_sigmas("shifted:2", 50)).metadata["guard"] == "interpolated"
+    for k, guard in ((20, "interpolated"), (21, "uniform")):  # above TRANSFER_FRACTION = 0.4 of T, uniform is kept
+        assert policy.schedule(k, sigmas=get_sigmas("shifted:2", 50)).metadata["guard"] == guard
 
 
 def test_eval_notes_say_where_a_schedule_was_interpolated_kept_uniform_or_not_checked():

@@ -38,6 +38,7 @@ OCTAVES, BUDGET_FREQUENCIES = 6, 8
 FEATURES = 6 + 4 * OCTAVES + 2 * BUDGET_FREQUENCIES
 SHIFT_MATCH = 1e-3  # relative: a grid whose fitted shift is this close to a trained one is that grid
 TRANSFER_RATIO = 0.7  # between trained settings, the neighbours' learned / uniform guard MSE must be at most this
+TRANSFER_FRACTION = 0.4  # and the budget at most this fraction k/T of the steps
 
 
 def grid_name(shift: float) -> str:
@@ -252,9 +253,12 @@ class NoiseLevelPolicy(SchedulePolicy):
         computed steps' noise levels of the four trained settings around it (same k, each on its own grid),
         averaged with the bilinear weights of ``_corners``, each placed on the nearest step of ``sigmas``
         (``steps_at_noise_levels``). The guard keeps uniform unless every one of those settings has k
-        in its range and its learned schedule beat uniform clearly (guard MSE ratio <= ``TRANSFER_RATIO``)."""
+        in its range and its learned schedule beat uniform clearly (guard MSE ratio <= ``TRANSFER_RATIO``), and the
+        budget is at most ``TRANSFER_FRACTION`` of the steps: above it uniform is close to the best schedules, whose
+        small gains are particular to their own grid and were lost or reversed by the average (development pairs)."""
         usable = [(t, x, w) for t, x, w in corners if k in self.config.budgets(t)]
-        doubtful = len(usable) < len(corners) or any(self._guard_ratio(t, x, k) > TRANSFER_RATIO for t, x, _ in usable)
+        doubtful = (len(usable) < len(corners) or k > TRANSFER_FRACTION * (len(sigmas) - 1)
+                    or any(self._guard_ratio(t, x, k) > TRANSFER_RATIO for t, x, _ in usable))
         if not usable or (guarded and doubtful):
             return None, "uniform"
         target = sum(w * self._step_sigmas(k, get_sigmas(grid_name(x), t)) for t, x, w in usable)
