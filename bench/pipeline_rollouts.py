@@ -8,19 +8,25 @@ The rollouts are those of an update: P calibration pairs, each with its own budg
 trainer draws them) and G schedules of k passes (step 0 and k - 1 random steps). Reports rollouts per second of both
 ways (median of ``--repeats`` alternating timings), the largest difference between a batched row and its own call,
 and per CFG branch the block-stack calls and the rows they computed: a batched call calls the blocks at every step
-where any row computes, on those rows alone; one call per schedule calls them k times on its one row. Writes
-results.json and pipeline_rollouts.md.
+where any row computes, on those rows alone; one call per schedule calls them k times on its one row. Then where a
+batched call's time goes: inside the blocks' own forward, what the same call costs when every row computes at
+step 0 only (embeddings, output layers, scheduler, the estimates; minus its blocks), and the rest, the hooks' work
+at the steps where only some rows compute (the cached rows' estimates, slicing, the record). Writes results.json
+and pipeline_rollouts.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from recache.hooks.transformers import denoisers_of, transformer_blocks
 from recache.io import write_json, write_text
 from recache.protocol import calibration_pairs
 from recache.sampling.diffusers_rollouts import load_rollouts
@@ -42,6 +48,48 @@ def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+@contextmanager
+def block_seconds(pipe):
+    """A list whose first item adds up the seconds spent inside the blocks' own forward (the hooks wrap it)."""
+    total = [0.0]
+    blocks = [b for t in denoisers_of(pipe) for b in transformer_blocks(t)]
+
+    def timing(forward):
+        @functools.wraps(forward)
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            total[0] += time.perf_counter() - start
+            return out
+        return run
+
+    for block in blocks:
+        block.forward = timing(block.forward)
+    try:
+        yield total
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def breakdown(ways: dict, repeats: int, pipe) -> dict[str, float]:
+    """Medians, in seconds, of where the time of the ``ways`` (batched, one call per schedule, and the batched call
+    with step 0 alone) goes: in all and inside the blocks; then the batched call's parts (the module's docstring)."""
+    runs = {way: [] for way in ways}
+    with block_seconds(pipe) as inside:
+        for _ in range(repeats):
+            for way, run in ways.items():
+                inside[0] = 0.0
+                seconds, _ = timed(run)
+                runs[way].append((seconds, inside[0]))
+    median = {way: [statistics.median(r[i] for r in rs) for i in range(2)] for way, rs in runs.items()}
+    (total, blocks), (alone, alone_blocks), (floor, floor_blocks) = median.values()
+    return {"batched: in all": total, "batched: inside the blocks": blocks,
+            "batched: per call (step 0 alone, its blocks excluded)": floor - floor_blocks,
+            "batched: the rows' bookkeeping at partial steps": total - blocks - (floor - floor_blocks),
+            "one call per schedule: in all": alone, "one call per schedule: inside the blocks": alone_blocks}
 
 
 def main() -> None:
@@ -71,6 +119,11 @@ def main() -> None:
         times["batched"].append(seconds)
         seconds, (alone, alone_passes) = timed(one_per_schedule)
         times["one call per schedule"].append(seconds)
+    step_zero = torch.zeros_like(masks)
+    step_zero[:, 0] = True
+    parts = breakdown({"batched": batched, "one call per schedule": one_per_schedule,
+                       "step 0 alone": lambda: rollouts.rollout_rows(conds, row_seeds, step_zero, "taylorseer")},
+                      args.repeats, rollouts.pipe)
     n = len(conds)
     medians = {way: statistics.median(t) for way, t in times.items()}
     result = {
@@ -81,7 +134,7 @@ def main() -> None:
         "max_abs_difference": (together - alone).abs().max().item(),
         "passes_equal": torch.equal(passes, alone_passes) and passes.tolist() == masks.sum(1).tolist(),
         "block_stack_calls_per_branch": {"batched": int(masks.any(0).sum()), "one call per schedule": int(masks.sum())},
-        "rows_computed_per_branch": int(masks.sum())}
+        "rows_computed_per_branch": int(masks.sum()), "batched_breakdown_seconds": parts}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
@@ -94,7 +147,9 @@ def main() -> None:
                      f"| {result['rows_computed_per_branch']} |")
     lines += ["", f"speed-up in rollouts per second: {result['speedup']:.2f}x; largest difference between a batched "
               f"row and its own call: {result['max_abs_difference']:.2e}; realised passes equal the masks': "
-              f"{result['passes_equal']}"]
+              f"{result['passes_equal']}", "",
+              f"where the time goes (median of {args.repeats}, timed apart from the runs above):", "",
+              "| part | seconds |", "|---|---|"] + [f"| {part} | {seconds:.3f} |" for part, seconds in parts.items()]
     write_text(out / "pipeline_rollouts.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

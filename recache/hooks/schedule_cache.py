@@ -37,7 +37,7 @@ from recache.errors import RecacheError, RecacheWarning
 from recache.hooks.clock import Clock, StepPosition, next_position, noise_level
 from recache.hooks.transformers import check_blocks_not_compiled, model_fingerprint, transformer_blocks
 from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, get_mechanism
-from recache.mechanisms.base import ALL
+from recache.mechanisms.base import ALL, take
 from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_form, resolve_budget
 
 _CALL_HOOK, _BLOCK_HOOK = "recache_call", "recache_block"
@@ -231,7 +231,7 @@ class _Stream:
         for key, x_in, x_out in streams:
             if not self.recorded or (key == "e" and not self.has_e):
                 self.mechanisms[key].reset(x_in.shape[0], self.steps)
-            self.mechanisms[key].record(step, rows, x_in[rows], x_out[rows])
+            self.mechanisms[key].record(step, rows, take(x_in, rows), take(x_out, rows))
         self.has_e = self.has_e or len(streams) == 2
         self.recorded = True
 
@@ -246,6 +246,7 @@ class _ContextState(BaseState):
         self.masks: torch.Tensor | None = None  # (rows, T): the generation's plans, as it goes (a pass may move to
         self.planned: torch.Tensor | None = None  # where an expert starts); the rows' plans at this call's step
         self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
+        self.sliceable: dict[int, bool] = {}  # per block hook: can its arguments be cut to rows (same every step)
         self.by_halves = False  # the plans cover the rows by halves ([uncond; cond]), not in turn (row r: r mod R)
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
@@ -338,7 +339,9 @@ class _BlockHook(ModelHook):
         args, kwargs = _put(self.meta, args, kwargs, self.meta.hidden_states_argument_name, h)
         if e is not None:
             args, kwargs = _put(self.meta, args, kwargs, self.meta.encoder_hidden_states_argument_name, e)
-        if _sliceable((args, kwargs), batch):
+        if id(self) not in st.sliceable:  # the same arguments' layout at every step of a generation
+            st.sliceable[id(self)] = _sliceable((args, kwargs), batch)
+        if st.sliceable[id(self)]:
             rows = st.computed_rows
             out = self.fn_ref.original_forward(*(_rows_of(a, rows, batch) for a in args),
                                                **{k: _rows_of(v, rows, batch) for k, v in kwargs.items()})
@@ -419,9 +422,9 @@ def _fill(st: _ContextState, h: torch.Tensor, e: torch.Tensor | None,
         if e is not None and st.stream.has_e:
             e = st.stream.mechanisms["e"].cached_pass(step, ALL, e, None, ())
         return h, e
-    h = h.index_copy(0, rows, st.stream.mechanisms["h"].cached_pass(step, rows, h[rows], None, ()))
+    h = h.index_copy(0, rows, st.stream.mechanisms["h"].cached_pass(step, rows, take(h, rows), None, ()))
     if e is not None and st.stream.has_e:
-        e = e.index_copy(0, rows, st.stream.mechanisms["e"].cached_pass(step, rows, e[rows], None, ()))
+        e = e.index_copy(0, rows, st.stream.mechanisms["e"].cached_pass(step, rows, take(e, rows), None, ()))
     return h, e
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from recache.mechanisms.base import Mechanism, Rows, RowState
+from recache.mechanisms.base import Mechanism, Rows, RowState, take
 
 
 class DividedDifferences(Mechanism):
@@ -35,7 +35,7 @@ class DividedDifferences(Mechanism):
         feature = h_out - h_in
         if self.nodes.device != feature.device:  # state follows the model's device (a GPU pipeline)
             self.nodes, self.count = self.nodes.to(feature.device), self.count.to(feature.device)
-        nodes, count = self.nodes[rows], self.count[rows]
+        nodes, count = take(self.nodes, rows), take(self.count, rows)
         at = torch.as_tensor(step, dtype=nodes.dtype, device=nodes.device).expand(nodes.shape[0])  # one step per row
         new = [feature]
         for j in range(self.order):

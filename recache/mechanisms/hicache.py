@@ -8,6 +8,7 @@ polynomial features), so the weight of ``D_j`` is ``s^j H_j(s x)``.
 
 from __future__ import annotations
 
+from recache.mechanisms.base import take
 from recache.mechanisms.forecast import DividedDifferences
 
 
@@ -29,5 +30,5 @@ class HiCache(DividedDifferences):
         self.scale = scale
 
     def basis(self, step, rows):
-        x = (step - self.nodes[rows][:, 0]).nan_to_num(0.0)
+        x = (step - take(self.nodes, rows)[:, 0]).nan_to_num(0.0)
         return [None] + [self.scale ** j * hermite(j, self.scale * x) for j in range(1, self.order + 1)]

@@ -8,6 +8,7 @@ uneven gaps (our choice; the two agree at order 1).
 
 from __future__ import annotations
 
+from recache.mechanisms.base import take
 from recache.mechanisms.forecast import DividedDifferences
 
 
@@ -15,7 +16,7 @@ class TaylorSeer(DividedDifferences):
     name = "taylorseer"
 
     def basis(self, step, rows):
-        nodes = self.nodes[rows]
+        nodes = take(self.nodes, rows)
         weights, prod = [None], 1.0
         for j in range(1, self.order + 1):
             prod = prod * (step - nodes[:, j - 1]).nan_to_num(0.0)
