@@ -114,8 +114,8 @@ Split = bool | tuple[torch.Tensor, torch.Tensor]
 
 
 def take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """``x[rows]``: a view for a slice, ``index_select`` (the cheaper call) for row indices."""
-    return x.index_select(0, rows) if isinstance(rows, torch.Tensor) else x[rows]
+    """``x[rows]``: a view for a slice, ``index_select`` (the cheaper call) for row indices on ``x``'s device."""
+    return x.index_select(0, rows) if isinstance(rows, torch.Tensor) and rows.device == x.device else x[rows]
 
 
 def subset(per_row: Rows | Step, r: Rows) -> Rows | Step:
