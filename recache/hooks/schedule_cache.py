@@ -246,7 +246,7 @@ class _ContextState(BaseState):
         self.masks: torch.Tensor | None = None  # (rows, T): the generation's plans, as it goes (a pass may move to
         self.planned: torch.Tensor | None = None  # where an expert starts); the rows' plans at this call's step
         self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
-        self.sliceable: dict[int, bool] = {}  # per block hook: can its arguments be cut to rows (same every step)
+        self.sliceable: dict[tuple[int, int], bool] = {}  # (block hook, batch): can its arguments be cut to rows
         self.by_halves = False  # the plans cover the rows by halves ([uncond; cond]), not in turn (row r: r mod R)
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
@@ -339,9 +339,10 @@ class _BlockHook(ModelHook):
         args, kwargs = _put(self.meta, args, kwargs, self.meta.hidden_states_argument_name, h)
         if e is not None:
             args, kwargs = _put(self.meta, args, kwargs, self.meta.encoder_hidden_states_argument_name, e)
-        if id(self) not in st.sliceable:  # the same arguments' layout at every step of a generation
-            st.sliceable[id(self)] = _sliceable((args, kwargs), batch)
-        if st.sliceable[id(self)]:
+        key = (id(self), batch)  # a block's arguments keep their layout for a batch size through a generation
+        if key not in st.sliceable:
+            st.sliceable[key] = _sliceable((args, kwargs), batch)
+        if st.sliceable[key]:
             rows = st.computed_rows
             out = self.fn_ref.original_forward(*(_rows_of(a, rows, batch) for a in args),
                                                **{k: _rows_of(v, rows, batch) for k, v in kwargs.items()})
