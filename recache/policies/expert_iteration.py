@@ -41,7 +41,7 @@ Key = tuple[int, int]  # (setting index, budget)
 
 # Rounds by default: delta's cached steps run half the blocks, so its rollouts cost 2.8 times taylorseer's; fewer
 # rounds keep its training near the others' time (ours, measured: docs/recache.md).
-ROUNDS = {"default": 90, "delta": 32}
+ROUNDS = {"default": 90, "delta": 42}
 
 
 @dataclass(frozen=True)
