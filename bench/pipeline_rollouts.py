@@ -65,13 +65,17 @@ def block_seconds(pipe):
             return out
         return run
 
+    own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance, to put back
     for block in blocks:
         block.forward = timing(block.forward)
     try:
         yield total
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def breakdown(ways: dict, repeats: int, pipe) -> dict[str, float]:
