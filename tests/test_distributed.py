@@ -85,9 +85,10 @@ def test_two_ranks_of_one_pair_train_the_policy_one_rank_of_two_pairs_trains(tmp
     start = ReCachePolicy(ReCacheConfig(T=8, k_min=2, k_max=5)).state_dict()
     for name in one_w:
         # Rounding differs between one batch of 2 pairs and 2 ranks of 1, and Adam amplifies it where gradients are
-        # near zero: measured 1.5e-6 and 1.35e-5 on two CPUs, against weights that moved by 5e-3 to 9e-3. A rank that
-        # missed the other's gradient would move them by the step size itself (lr = 3e-3).
-        gap, moved = (one_w[name] - two_w[name]).abs().max(), (one_w[name] - start[name]).abs().max()
+        # near zero: a few entries of a tensor differed by up to 2.4e-4 (measured), against weights that moved by
+        # 5e-3 to 9e-3, so the whole tensor is compared: its gap measured 1e-4 to 1e-3 of how far it moved. A rank
+        # that missed the other's gradient would move every entry by about the step size itself (lr = 3e-3).
+        gap, moved = (one_w[name] - two_w[name]).norm(), (one_w[name] - start[name]).norm()
         assert gap <= 1e-2 * moved, (name, gap, moved)
     one_log, two_log = read_jsonl(tmp_path / "one/train_log.jsonl"), read_jsonl(tmp_path / "two/train_log.jsonl")
     assert [r["k"] for r in one_log] == [r["k"] for r in two_log]  # the same 2 budgets per update, one on each rank

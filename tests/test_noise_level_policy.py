@@ -251,7 +251,7 @@ def test_screening_adds_up_to_the_objective_on_all_pairs_and_promotes_the_best_o
     mechanism, schedules = get_mechanism("taylorseer"), [(0, 3, 6), (0, 1, 2), (0, 2, 4, 6)]
     full = rollout_objective(grid, mechanism, classes, seeds, grid(classes, seeds))(schedules)
     split = expert_training._objective(grid, mechanism, classes, seeds, screen_pairs=1)
-    assert split(schedules) == pytest.approx(full, rel=1e-6) and split.share == pytest.approx(1 / 3)
+    assert split(schedules) == pytest.approx(full, rel=1e-5) and split.share == pytest.approx(1 / 3)
     assert split.head(schedules) != pytest.approx(full, rel=1e-3)  # one pair is not all three
     items = [(3, (0, 1, 2)), (3, (0, 1, 3)), (3, (0, 1, 4)), (4, (0, 1, 2, 3)), (4, (0, 1, 2, 4))]
     assert best_per_budget(items, [0.3, 0.1, 0.2, 0.5, 0.4], 2) == [1, 2, 3, 4]

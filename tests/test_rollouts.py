@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recache.mechanisms import MECHANISMS, get_mechanism
+from recache.mechanisms.base import distinct_rows
 from recache.sampling import get_sigmas_linear
 from recache.sampling.cached import sample_cached
 from recache.sampling.rollouts import row_plan, sample_rollouts
@@ -41,6 +42,48 @@ def test_rollouts_run_the_blocks_once_per_phase(tiny_dit):
     finally:
         handle.remove()
     assert calls == [6, 6, 6, 6]  # 4 phases, each the 3 rows x 2 CFG branches together
+
+
+@pytest.mark.parametrize("mechanism", ["taylorseer", "delta", "step-skip"])
+def test_rows_of_one_pair_run_the_blocks_once_until_their_schedules_differ(tiny_dit, mechanism):
+    """Three schedules on one pair (one noise, one class) and one on another: until a schedule's steps differ from
+    another's, their rows are equal and the blocks run on one of them; each row still equals its separate run."""
+    steps = ([0, 2, 5, 9], [0, 2, 6, 9], [0, 3, 5, 8], [0, 2, 5, 9])
+    masks = torch.stack([Schedule.from_steps(10, s).as_tensor() for s in steps])
+    first = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    noise, y = torch.cat([first, first, first, torch.randn(1, 1, 8, 8)]), torch.tensor([5, 5, 5, 5])
+    rows = []
+    handle = tiny_dit.blocks[0].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        together, passes = sample_rollouts(tiny_dit, noise, get_sigmas_linear(10), y, masks, get_mechanism(mechanism),
+                                           2.0)
+    finally:
+        handle.remove()
+    if mechanism != "delta":  # delta's cached steps run the front blocks too
+        assert rows == [4, 6, 8, 8]  # x 2 CFG branches: step 0 two kinds of row; step 2 rows 0 and 1 still equal
+    assert sum(rows) < 8 * len(rows)
+    for i in range(len(steps)):
+        alone, _ = sample_cached(tiny_dit, noise[i:i + 1], get_sigmas_linear(10), y[i:i + 1], masks[i:i + 1],
+                                 get_mechanism(mechanism), 2.0)
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=0)
+    assert passes.tolist() == [4, 4, 4, 4]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=12), st.integers(0, 2**16))
+def test_distinct_rows_merges_exactly_the_equal_rows(kinds, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, c = torch.randn(4, 3, 5, generator=g)[kinds], torch.randn(4, 2, generator=g)[kinds]
+    c[0, 0] += 1.0 if len(kinds) > 1 and kinds[0] == kinds[-1] else 0.0  # row 0 differs from its kind by c alone
+    found = distinct_rows(h, c)
+    expected = len({(k, r == 0) for r, k in enumerate(kinds)} if len(kinds) > 1 and kinds[0] == kinds[-1]
+                   else set(kinds))
+    if found is None:
+        assert expected == len(kinds)
+    else:
+        first, inverse = found
+        assert len(first) == expected
+        assert torch.equal(h[first][inverse], h) and torch.equal(c[first][inverse], c)
 
 
 @settings(max_examples=60, deadline=None)

@@ -37,10 +37,41 @@ class CacheableModel(Protocol):
     def final(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor: ...
 
 
+def distinct_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, inverse)`` when some batch rows are equal in every one of ``tensors``: ``first`` holds one row of
+    each distinct kind and ``t[first][inverse]`` equals ``t`` for each tensor; None when every row differs (or the
+    tensors do not share their number of rows). Rows are grouped by their sums, then compared element for element, so
+    only equal rows are merged. Ours."""
+    rows = tensors[0].shape[0]
+    if rows < 2 or any(t.dim() == 0 or t.shape[0] != rows for t in tensors):
+        return None
+    sums = torch.stack([t.reshape(rows, -1).sum(1) for t in tensors], 1).tolist()
+    groups, first, inverse = {}, [], []
+    for row, key in enumerate(map(tuple, sums)):
+        group = groups.get(key)
+        if group is not None and all(torch.equal(t[first[group]], t[row]) for t in tensors):
+            inverse.append(group)
+            continue
+        groups.setdefault(key, len(first))
+        inverse.append(len(first))
+        first.append(row)
+    if len(first) == rows:
+        return None
+    device = tensors[0].device
+    return torch.tensor(first, device=device), torch.tensor(inverse, device=device)
+
+
 def run_blocks(blocks: Sequence[TransformerBlock], h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The block stack on ``h`` conditioned by ``c``, each distinct row once (ours): rows with the same input and
+    conditioning give the same output, and batched rollouts have many such rows. The schedules of one pair share
+    their state until the first step where they differ: the relocations a search or the v2 trainer proposes, the
+    segments of a cost table, a REINFORCE group. The other rows take that output, which is what they compute."""
+    distinct = distinct_rows(h, c)
+    if distinct is not None:
+        h, c = h[distinct[0]], c[distinct[0]]
     for block in blocks:
         h = block(h, c)
-    return h
+    return h if distinct is None else h[distinct[1]]
 
 
 class Mechanism:
