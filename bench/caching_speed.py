@@ -3,8 +3,8 @@
 1. Speed-up at k = 10 of 50 (batch 16, CFG) for every mechanism: median of same-run ratios against full compute.
 2. Batched rollouts: G = 8 schedules for one (class, seed) pair in one call vs 8 separate calls, for three kinds
    of group: uniformly random k = 10 schedules; schedules sampled from the shipped taylorseer policy, as a
-   REINFORCE update draws them; and 8 copies of the full schedule, the most batching can gain here (every row
-   computes at every step).
+   REINFORCE update draws them; and 8 copies of the full schedule (every row computes at every step; its rows are
+   equal, so the blocks run once per CFG branch: the most merging equal rows can gain).
 
     .venv/bin/python bench/caching_speed.py [--runs 5]
 """
