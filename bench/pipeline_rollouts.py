@@ -7,8 +7,10 @@
 The rollouts are those of an update: P calibration pairs, each with its own budget k (drawn from 4-20, as the
 trainer draws them) and G schedules of k passes (step 0 and k - 1 random steps). Reports rollouts per second of both
 ways (median of ``--repeats`` alternating timings), the largest difference between a batched row and its own call,
-and per CFG branch the block-stack calls and the rows they computed: a batched call calls the blocks at every step
-where any row computes, on those rows alone; one call per schedule calls them k times on its one row. Then where a
+and per CFG branch the block-stack calls, the rows the masks compute and the rows the first block really ran on: a
+batched call calls the blocks at every step where any row computes, on those rows alone and on one row of each kind
+that is equal (rows of one pair are, until their schedules first differ); one call per schedule calls them k times
+on its one row. Then where a
 batched call's time goes: inside the blocks' own forward, what the same call costs when every row computes at
 step 0 only (embeddings, output layers, scheduler, the estimates; minus its blocks), and the rest, the hooks' work
 at the steps where only some rows compute (the cached rows' estimates, slicing, the record). Writes results.json
@@ -52,22 +54,25 @@ def timed(fn) -> tuple[float, object]:
 
 @contextmanager
 def block_seconds(pipe):
-    """A list whose first item adds up the seconds spent inside the blocks' own forward (the hooks wrap it)."""
-    total = [0.0]
+    """A list whose first item adds up the seconds spent inside the blocks' own forward (the hooks wrap it) and whose
+    second counts the batch rows the first block ran on."""
+    total = [0.0, 0]
     blocks = [b for t in denoisers_of(pipe) for b in transformer_blocks(t)]
 
-    def timing(forward):
+    def timing(forward, first):
         @functools.wraps(forward)
         def run(*args, **kwargs):
             start = time.perf_counter()
             out = forward(*args, **kwargs)
             total[0] += time.perf_counter() - start
+            if first:
+                total[1] += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
             return out
         return run
 
     own = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance, to put back
-    for block in blocks:
-        block.forward = timing(block.forward)
+    for i, block in enumerate(blocks):
+        block.forward = timing(block.forward, i == 0)
     try:
         yield total
     finally:
@@ -78,22 +83,24 @@ def block_seconds(pipe):
                 block.forward = forward
 
 
-def breakdown(ways: dict, repeats: int, pipe) -> dict[str, float]:
+def breakdown(ways: dict, repeats: int, pipe) -> tuple[dict[str, float], dict[str, int]]:
     """Medians, in seconds, of where the time of the ``ways`` (batched, one call per schedule, and the batched call
-    with step 0 alone) goes: in all and inside the blocks; then the batched call's parts (the module's docstring)."""
-    runs = {way: [] for way in ways}
+    with step 0 alone) goes: in all and inside the blocks; then the batched call's parts (the module's docstring).
+    Also the batch rows the first block ran on in one run of each way."""
+    runs, rows = {way: [] for way in ways}, {}
     with block_seconds(pipe) as inside:
         for _ in range(repeats):
             for way, run in ways.items():
-                inside[0] = 0.0
+                inside[0], inside[1] = 0.0, 0
                 seconds, _ = timed(run)
                 runs[way].append((seconds, inside[0]))
+                rows[way] = inside[1]
     median = {way: [statistics.median(r[i] for r in rs) for i in range(2)] for way, rs in runs.items()}
     (total, blocks), (alone, alone_blocks), (floor, floor_blocks) = median.values()
     return {"batched: in all": total, "batched: inside the blocks": blocks,
             "batched: per call (step 0 alone, its blocks excluded)": floor - floor_blocks,
             "batched: the rows' bookkeeping at partial steps": total - blocks - (floor - floor_blocks),
-            "one call per schedule: in all": alone, "one call per schedule: inside the blocks": alone_blocks}
+            "one call per schedule: in all": alone, "one call per schedule: inside the blocks": alone_blocks}, rows
 
 
 def main() -> None:
@@ -125,7 +132,7 @@ def main() -> None:
         times["one call per schedule"].append(seconds)
     step_zero = torch.zeros_like(masks)
     step_zero[:, 0] = True
-    parts = breakdown({"batched": batched, "one call per schedule": one_per_schedule,
+    parts, block_rows = breakdown({"batched": batched, "one call per schedule": one_per_schedule,
                        "step 0 alone": lambda: rollouts.rollout_rows(conds, row_seeds, step_zero, "taylorseer")},
                       args.repeats, rollouts.pipe)
     n = len(conds)
@@ -138,17 +145,18 @@ def main() -> None:
         "max_abs_difference": (together - alone).abs().max().item(),
         "passes_equal": torch.equal(passes, alone_passes) and passes.tolist() == masks.sum(1).tolist(),
         "block_stack_calls_per_branch": {"batched": int(masks.any(0).sum()), "one call per schedule": int(masks.sum())},
-        "rows_computed_per_branch": int(masks.sum()), "batched_breakdown_seconds": parts}
+        "rows_computed_per_branch": int(masks.sum()), "batched_breakdown_seconds": parts,
+        "first_block_rows_per_branch": {way: block_rows[way] // 2 for way in times}}  # two CFG branches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
     lines = [f"mnist-flux, T = {rollouts.steps}, true CFG, {args.pairs} pairs x {args.group} schedules "
              f"(budgets {budgets}), taylorseer; median of {args.repeats} alternating runs", "",
-             "| way | seconds (median) | rollouts / s | block-stack calls per branch | rows they computed |",
-             "|---|---|---|---|---|"]
+             "| way | seconds (median) | rollouts / s | block-stack calls per branch | rows the masks compute "
+             "| rows the first block ran on |", "|---|---|---|---|---|---|"]
     for way, seconds in medians.items():
         lines.append(f"| {way} | {seconds:.2f} | {n / seconds:.2f} | {result['block_stack_calls_per_branch'][way]} "
-                     f"| {result['rows_computed_per_branch']} |")
+                     f"| {result['rows_computed_per_branch']} | {result['first_block_rows_per_branch'][way]} |")
     lines += ["", f"speed-up in rollouts per second: {result['speedup']:.2f}x; largest difference between a batched "
               f"row and its own call: {result['max_abs_difference']:.2e}; realised passes equal the masks': "
               f"{result['passes_equal']}", "",

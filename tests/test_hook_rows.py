@@ -179,3 +179,69 @@ def test_uncond_budget_bad_input_is_one_line():
         RecacheHookConfig(budget=3, uncond_budget=0)
     with pytest.raises(RecacheError, match="k=7"):
         RecacheHookConfig(budget=3, uncond_budget=7, num_inference_steps=T)
+
+
+def repeated_rows(inputs: dict, rows: list[int]) -> dict:
+    """A FLUX call's inputs with its batch rows taken in the order ``rows`` (the ids have no batch axis)."""
+    return {key: [s[rows] for s in v] if isinstance(v, list) else v if key.endswith("_ids") else v[rows]
+            for key, v in inputs.items()}
+
+
+@pytest.mark.parametrize("controlnet", [False, True])
+def test_equal_rows_run_the_blocks_once_while_their_inputs_stay_equal(controlnet):
+    """Rows 0 and 1 share their prompt and noise and schedules A and C share steps 0 and 2: the blocks run them once
+    there, and every row still equals its run alone (five rows: the 24 tokens' rotary embeddings are not rows). With
+    ControlNet residuals that differ between rows 0 and 1 after the first single block, the rows are compared again
+    where the model adds them and the last block runs both; from then on they differ."""
+    from tiny_diffusers import euler_loop, tiny_flux_transformer, transformer_inputs
+
+    transformer = tiny_flux_transformer()
+    seen = attention_rows(transformer)
+    inputs = repeated_rows(transformer_inputs(transformer, batch=4), [0, 0, 1, 2, 3])
+    if controlnet:
+        g = torch.Generator().manual_seed(1)
+        inputs["controlnet_block_samples"] = [torch.randn(1, 16, 32, generator=g).repeat(5, 1, 1) for _ in range(2)]
+        inputs["controlnet_single_block_samples"] = [torch.randn(5, 16, 32, generator=g) for _ in range(2)]
+    schedules = [A, Schedule.from_steps(T, [0, 2, 4]), A, A, A]
+    stats = apply_recache(transformer, RecacheHookConfig(row_schedules=schedules, mechanism="taylorseer",
+                                                         num_inference_steps=T))
+    try:
+        together = euler_loop(transformer, T, inputs)
+    finally:
+        remove_recache(transformer)
+    # steps 0 and 2: rows 0 and 1 once; with ControlNet, the last block of step 0 runs all five rows, and by step 2
+    # rows 0 and 1 differ; step 4: row 1 alone; step 5: rows 0, 2, 3 and 4, which differ
+    steps_0_2 = [4, 4, 4, 5] + [5] * 4 if controlnet else [4] * 8
+    assert seen == steps_0_2 + [1] * 4 + [4] * 4
+    assert stats.last["cond"]["shared_block_runs"] == (3 if controlnet else 8)
+    assert stats.last["cond"]["row_passes"] == [3] * 5
+    for row, schedule in enumerate(schedules):
+        apply_recache(transformer, RecacheHookConfig(schedule=schedule, mechanism="taylorseer", num_inference_steps=T))
+        try:
+            alone = euler_loop(transformer, T, repeated_rows(inputs, [row]))
+        finally:
+            remove_recache(transformer)
+        assert torch.allclose(together[row], alone[0], atol=1e-5), row
+
+
+def test_sd3_batched_cfg_merges_equal_rows_within_each_half():
+    """SD3 batches [uncond; cond]: two rows of one prompt and seed under schedules that share steps 0 and 2 are two
+    equal pairs of rows there (one per branch), each run once; each image equals its schedule's run alone."""
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    schedules = [A, Schedule.from_steps(T, [0, 2, 4])]
+
+    def images(rows):
+        stats = apply_recache(pipe.transformer, RecacheHookConfig(row_schedules=rows, mechanism="taylorseer",
+                                                                  clock=pipeline_clock(pipe)))
+        try:
+            out = pipe(**{**SD3_CALL, "prompt": ["a cat"] * len(rows)}, num_inference_steps=T,
+                       generator=[torch.Generator().manual_seed(0) for _ in rows]).images
+            return out, stats.last["default"]
+        finally:
+            remove_recache(pipe.transformer)
+
+    together, record = images(schedules)
+    assert record["shared_block_runs"] == 2 * 2 * len(transformer_blocks(pipe.transformer))  # 2 steps, 2 branches
+    for row, schedule in enumerate(schedules):
+        assert torch.allclose(together[row], images([schedule])[0][0], atol=1e-5)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from recache.errors import RecacheError, RecacheWarning
 from recache.hooks.clock import Clock, StepPosition, next_position, noise_level
 from recache.hooks.transformers import check_blocks_not_compiled, model_fingerprint, transformer_blocks
 from recache.mechanisms import DEFAULT_MECHANISM, HOOK_MECHANISMS, get_mechanism
-from recache.mechanisms.base import ALL, take
+from recache.mechanisms.base import ALL, distinct_rows, take
 from recache.schedule import Budget, Schedule, SchedulePlanner, check_budget_form, resolve_budget
 
 _CALL_HOOK, _BLOCK_HOOK = "recache_call", "recache_block"
@@ -68,7 +69,7 @@ class RecacheHookConfig:
             ``r`` of a call follows ``row_schedules[r mod R]``, so a call whose CFG branches share the batch (SD3)
             gives both halves the same schedules. At a step where only some rows compute, the blocks run on those
             rows alone (every block argument with the call's batch rows is sliced) and the others take their
-            estimate.
+            estimate; computing rows whose block inputs are equal run once (``_find_equal_rows``).
         uncond_budget: the full passes of the unconditional CFG branch, when they should differ from ``budget``
             (ours; FasterCache, Lv et al. 2024, found that branch the more redundant one). Its calls are known by
             their cache context: "uncond" (CFG as two calls: FLUX's true CFG, Wan) is planned for it; a call that
@@ -223,6 +224,7 @@ class _Stream:
     def __init__(self, mechanism: str, steps: int):
         self.mechanisms = {"h": get_mechanism(mechanism), "e": get_mechanism(mechanism)}
         self.steps, self.recorded, self.has_e = steps, False, False
+        self.row_class: list[int] | None = None  # rows of one class have had equal inputs at every step so far
 
     def record(self, step: int, h_in, h_out, e_in, e_out, rows=ALL) -> None:
         """Record the residuals of a computed step's ``rows``; the state is sized by the first call's rows (streams
@@ -246,11 +248,26 @@ class _ContextState(BaseState):
         self.masks: torch.Tensor | None = None  # (rows, T): the generation's plans, as it goes (a pass may move to
         self.planned: torch.Tensor | None = None  # where an expert starts); the rows' plans at this call's step
         self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
+        self.merge_rows = False  # rows of a row-schedules call with equal inputs run the blocks once
+        self.merged: _Merged | None = None  # at this step, if some computing rows are equal
+        self.checked: tuple[torch.Tensor, ...] = ()  # the batch tensors the merged rows were found equal in
         self.sliceable: dict[tuple[int, int], bool] = {}  # (block hook, batch): can its arguments be cut to rows
         self.by_halves = False  # the plans cover the rows by halves ([uncond; cond]), not in turn (row r: r mod R)
         self.calls_in_step, self.compute, self.filled = 0, True, False
         self.h_in = self.e_in = self.h_out = self.e_out = None
         self.added_h = self.added_e = None  # what the model added to the streams between blocks (ControlNet)
+
+
+@dataclass
+class _Merged:
+    """Computing rows of a step with equal block inputs: the blocks run on ``first`` (call rows, one per kind); the
+    computing rows (in ``computed_rows`` order, or all rows) take output row ``inverse``; ``copies`` are the rows that
+    take another's, which is ``of``."""
+
+    first: torch.Tensor
+    inverse: torch.Tensor
+    copies: torch.Tensor
+    of: torch.Tensor
 
 
 class _StateManager(StateManager):
@@ -313,9 +330,11 @@ class _BlockHook(ModelHook):
                 h, e = _io(self.meta, args, kwargs)  # clone: a block may write its input in place
                 st.h_in, st.e_in = h.clone(), (e.clone() if e is not None else None)
                 _split_rows(st)
+                if st.merge_rows:
+                    _find_equal_rows(st, (args, kwargs))
             else:
                 _note_additions(st, *_io(self.meta, args, kwargs))
-            if st.cached_rows is not None:
+            if st.cached_rows is not None or st.merged is not None:
                 return self._forward_rows(st, args, kwargs)
             out = self.fn_ref.original_forward(*args, **kwargs)
             st.h_out, st.e_out = _outputs(self.meta, out)
@@ -327,14 +346,17 @@ class _BlockHook(ModelHook):
         return _pack(self.meta, h, e)
 
     def _forward_rows(self, st: _ContextState, args, kwargs):
-        """A step where only some rows compute: the others start the stack from their estimate and pass through
-        every block. The computing rows run the block alone when its arguments can be cut to them (every tensor
-        with the call's batch rows is sliced; one with a multiple of them, such as a mask repeated per head, cannot
-        be); otherwise the block runs on every row and the cached rows keep their input (ours: the union's cost)."""
+        """A step where only some rows compute, or where some computing rows are equal: the cached rows start the
+        stack from their estimate and pass through every block. The computing rows run the block alone when its
+        arguments can be cut to them (every tensor with the call's batch rows is sliced; one with a multiple of them,
+        such as a mask repeated per head, cannot be), one row of each equal kind; otherwise the block runs on every
+        row and the cached rows keep their input (ours: the union's cost)."""
         h, e = _io(self.meta, args, kwargs)
         if not st.filled:  # the first block: the cached rows take their estimate of the stack's output
             st.filled = True
-            h, e = _fill(st, h, e, st.cached_rows)
+            if st.cached_rows is not None:
+                h, e = _fill(st, h, e, st.cached_rows)
+            st.checked = (*st.checked, h) + ((e,) if e is not None else ())
         batch = h.shape[0]
         args, kwargs = _put(self.meta, args, kwargs, self.meta.hidden_states_argument_name, h)
         if e is not None:
@@ -343,19 +365,34 @@ class _BlockHook(ModelHook):
         if key not in st.sliceable:
             st.sliceable[key] = _sliceable((args, kwargs), batch)
         if st.sliceable[key]:
+            h_new, e_new = self._forward_computing_rows(st, args, kwargs, batch)
             rows = st.computed_rows
-            out = self.fn_ref.original_forward(*(_rows_of(a, rows, batch) for a in args),
-                                               **{k: _rows_of(v, rows, batch) for k, v in kwargs.items()})
-            h_new, e_new = _outputs(self.meta, out)
-            h_out = h.index_copy(0, rows, h_new)
-            e_out = e.index_copy(0, rows, e_new) if e is not None and e_new is not None else e_new
+            h_out = h_new if rows is None else h.index_copy(0, rows, h_new)
+            e_out = e_new if rows is None or e is None or e_new is None else e.index_copy(0, rows, e_new)
         else:
             rows = st.cached_rows
             h_out, e_out = _outputs(self.meta, self.fn_ref.original_forward(*args, **kwargs))
-            h_out = h_out.index_copy(0, rows, h[rows])
-            e_out = e_out.index_copy(0, rows, e[rows]) if e is not None and e_out is not None else e_out
+            if rows is not None:
+                h_out = h_out.index_copy(0, rows, h[rows])
+                e_out = e_out.index_copy(0, rows, e[rows]) if e is not None and e_out is not None else e_out
         st.h_out, st.e_out = h_out, e_out
         return _pack(self.meta, h_out, e_out)
+
+    def _forward_computing_rows(self, st: _ContextState, args, kwargs, batch: int):
+        """The block's streams on the computing rows (in ``computed_rows`` order, or all rows), each equal kind of
+        row run once while the merged rows' inputs stay equal."""
+        merged = st.merged if st.merged is not None and _still_equal(st, (args, kwargs), batch) else None
+        rows = merged.first if merged is not None else st.computed_rows
+        if rows is None:
+            return _outputs(self.meta, self.fn_ref.original_forward(*args, **kwargs))
+        out = self.fn_ref.original_forward(*(_rows_of(a, rows, batch) for a in args),
+                                           **{k: _rows_of(v, rows, batch) for k, v in kwargs.items()})
+        h_new, e_new = _outputs(self.meta, out)
+        if merged is None:
+            return h_new, e_new
+        st.record["shared_block_runs"] = st.record.get("shared_block_runs", 0) + len(merged.copies)
+        return h_new.index_select(0, merged.inverse), (e_new.index_select(0, merged.inverse)
+                                                        if e_new is not None else None)
 
 
 def _note_additions(st: _ContextState, h: torch.Tensor, e: torch.Tensor | None) -> None:
@@ -409,6 +446,64 @@ def _split_rows(st: _ContextState) -> None:
     each = rows // plans
     computes = (st.planned.repeat_interleave(each) if st.by_halves else st.planned.repeat(each)).to(st.h_in.device)
     st.computed_rows, st.cached_rows = computes.nonzero().squeeze(1), (~computes).nonzero().squeeze(1)
+
+
+@torch.compiler.disable
+def _find_equal_rows(st: _ContextState, call: tuple[tuple, dict]) -> None:
+    """Rows of a row-schedules call that compute at this step with equal block inputs (the rollouts of one prompt
+    and seed share their state until their schedules first differ) run the blocks once: ``st.merged``. Candidates
+    are the computing rows whose class (equal so far) has others computing too; the first block's batch tensors
+    decide, element for element (``distinct_rows``), and refine the classes. Ours."""
+    rows, stream = st.h_in.shape[0], st.stream
+    if rows < 2:
+        return
+    if stream.row_class is None or len(stream.row_class) != rows:
+        stream.row_class = [0] * rows
+    computing = list(range(rows)) if st.computed_rows is None else st.computed_rows.tolist()
+    computes = set(computing)
+    keys = [(c, r in computes) for r, c in enumerate(stream.row_class)]  # a class splits where its rows' plans do
+    counts = Counter(keys)
+    candidates = [r for r in computing if counts[keys[r]] > 1]
+    kind_of = {}  # candidate row -> the row whose output it takes (itself if none)
+    if candidates:
+        index = torch.tensor(candidates, device=st.h_in.device)
+        tensors = _batch_tensors(call, rows)
+        found = distinct_rows(*(t.index_select(0, index) for t in tensors))
+        first, inverse = found if found is not None else (range(len(candidates)), range(len(candidates)))
+        kind_of = {r: candidates[int(first[int(i)])] for r, i in zip(candidates, inverse, strict=True)}
+    labels: dict = {}
+    stream.row_class = [labels.setdefault((keys[r], kind_of.get(r)), len(labels)) for r in range(rows)]
+    copies = [r for r in computing if kind_of.get(r, r) != r]
+    if not copies:
+        return
+    kinds = list(dict.fromkeys(kind_of.get(r, r) for r in computing))
+    at = {row: i for i, row in enumerate(kinds)}
+    device = st.h_in.device
+    st.merged = _Merged(torch.tensor(kinds, device=device),
+                        torch.tensor([at[kind_of.get(r, r)] for r in computing], device=device),
+                        torch.tensor(copies, device=device), torch.tensor([kind_of[r] for r in copies], device=device))
+    st.checked = tuple(tensors)
+
+
+def _still_equal(st: _ContextState, call: tuple[tuple, dict], batch: int) -> bool:
+    """Whether the merged rows' inputs to this block are still equal: each batch tensor is one the first block's
+    were found equal in, the last block's output, or compared again (what the model added between blocks, such as
+    ControlNet residuals, may differ by row); if not, the rest of the step runs every computing row."""
+    for t in _batch_tensors(call, batch):
+        if t is st.h_out or t is st.e_out or any(t is c for c in st.checked):
+            continue
+        if not torch.equal(t.index_select(0, st.merged.copies), t.index_select(0, st.merged.of)):
+            st.merged = None
+            return False
+    return True
+
+
+def _batch_tensors(value, batch: int) -> list[torch.Tensor]:
+    """The tensors with ``batch`` rows in ``value`` (nested in tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.dim() and value.shape[0] == batch else []
+    items = value.values() if isinstance(value, dict) else value if type(value) in (tuple, list) else ()
+    return [t for v in items for t in _batch_tensors(v, batch)]
 
 
 @torch.compiler.disable
@@ -491,6 +586,7 @@ class _CallHook(ModelHook):
         masks = st.masks[-1:] if st.by_halves and index else st.masks  # a further call (skip-layer guidance): cond
         st.planned = masks[:, position.step] if st.stream.recorded else torch.ones(len(masks), dtype=torch.bool)
         st.compute, st.filled, st.cached_rows, st.computed_rows = bool(st.planned.any()), False, None, None
+        st.merged, st.checked = None, ()
         st.h_in = st.e_in = st.h_out = st.e_out = st.added_h = st.added_e = None
         if index > 0:
             st.record["extra_calls"] += 1
@@ -536,6 +632,7 @@ class _CallHook(ModelHook):
         self._close(st)
         st.reset()
         schedule, st.by_halves = schedules[0], by_halves
+        st.merge_rows = self.config.row_schedules is not None
         st.schedule, st.masks, st.calls_in_step = schedule, torch.tensor([s.mask for s in schedules]), 1
         if name in self.stats.current:
             self.stats.finish()
