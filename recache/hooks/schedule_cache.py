@@ -248,6 +248,7 @@ class _ContextState(BaseState):
         self.masks: torch.Tensor | None = None  # (rows, T): the generation's plans, as it goes (a pass may move to
         self.planned: torch.Tensor | None = None  # where an expert starts); the rows' plans at this call's step
         self.cached_rows = self.computed_rows = None  # at a step where only some rows compute: their indices
+        self.computing: list[int] = []  # and the computing rows' as a list
         self.merge_rows = False  # rows of a row-schedules call with equal inputs run the blocks once
         self.merged: _Merged | None = None  # at this step, if some computing rows are equal
         self.checked: tuple[torch.Tensor, ...] = ()  # the batch tensors the merged rows were found equal in
@@ -444,8 +445,10 @@ def _split_rows(st: _ContextState) -> None:
         raise RecacheError(f"a call of {rows} batch rows cannot follow {plans} {what}: its batch must be a "
                            "multiple of their number")
     each = rows // plans
-    computes = (st.planned.repeat_interleave(each) if st.by_halves else st.planned.repeat(each)).to(st.h_in.device)
-    st.computed_rows, st.cached_rows = computes.nonzero().squeeze(1), (~computes).nonzero().squeeze(1)
+    computes = st.planned.repeat_interleave(each) if st.by_halves else st.planned.repeat(each)  # on the CPU: no sync
+    st.computing = computes.nonzero().squeeze(1).tolist()
+    st.computed_rows = torch.tensor(st.computing, device=st.h_in.device)
+    st.cached_rows = (~computes).nonzero().squeeze(1).to(st.h_in.device)
 
 
 @torch.compiler.disable
@@ -459,7 +462,7 @@ def _find_equal_rows(st: _ContextState, call: tuple[tuple, dict]) -> None:
         return
     if stream.row_class is None or len(stream.row_class) != rows:
         stream.row_class = [0] * rows
-    computing = list(range(rows)) if st.computed_rows is None else st.computed_rows.tolist()
+    computing = list(range(rows)) if st.computed_rows is None else st.computing
     computes = set(computing)
     keys = [(c, r in computes) for r, c in enumerate(stream.row_class)]  # a class splits where its rows' plans do
     counts = Counter(keys)
