@@ -147,24 +147,29 @@ def main() -> None:
         "block_stack_calls_per_branch": {"batched": int(masks.any(0).sum()), "one call per schedule": int(masks.sum())},
         "rows_computed_per_branch": int(masks.sum()), "batched_breakdown_seconds": parts,
         "first_block_rows_per_branch": {way: block_rows[way] // 2 for way in times}}  # two CFG branches
-    out = Path(args.out)
+    write_report(Path(args.out), result, args.repeats)
+
+
+def write_report(out: Path, result: dict, repeats: int) -> None:
+    """results.json and pipeline_rollouts.md (printed too)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
-    lines = [f"mnist-flux, T = {rollouts.steps}, true CFG, {args.pairs} pairs x {args.group} schedules "
-             f"(budgets {budgets}), taylorseer; median of {args.repeats} alternating runs", "",
+    n = result["rollouts"]
+    lines = [f"mnist-flux, T = {result['T']}, true CFG, {result['pairs']} pairs x {result['group']} schedules "
+             f"(budgets {result['budgets']}), taylorseer; median of {repeats} alternating runs", "",
              "| way | seconds (median) | rollouts / s | block-stack calls per branch | rows the masks compute "
              "| rows the first block ran on |", "|---|---|---|---|---|---|"]
-    for way, seconds in medians.items():
+    for way, seconds in result["median_seconds"].items():
         lines.append(f"| {way} | {seconds:.2f} | {n / seconds:.2f} | {result['block_stack_calls_per_branch'][way]} "
                      f"| {result['rows_computed_per_branch']} | {result['first_block_rows_per_branch'][way]} |")
+    parts = result["batched_breakdown_seconds"]
     lines += ["", f"speed-up in rollouts per second: {result['speedup']:.2f}x; largest difference between a batched "
               f"row and its own call: {result['max_abs_difference']:.2e}; realised passes equal the masks': "
               f"{result['passes_equal']}", "",
-              f"where the time goes (median of {args.repeats}, timed apart from the runs above):", "",
+              f"where the time goes (median of {repeats}, timed apart from the runs above):", "",
               "| part | seconds |", "|---|---|"] + [f"| {part} | {seconds:.3f} |" for part, seconds in parts.items()]
     write_text(out / "pipeline_rollouts.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
