@@ -14,7 +14,7 @@ from recache.io import read_jsonl
 from recache.mechanisms import get_mechanism
 from recache.policies import NoiseLevelConfig, NoiseLevelPolicy, ReCachePolicy, expert_training, load_policy
 from recache.policies.budcache import rollout_objective
-from recache.policies.expert_iteration import ExpertConfig, best_per_budget, relocations, transferred
+from recache.policies.expert_iteration import ExpertConfig, best_per_budget, proposals, relocations, transferred
 from recache.policies.expert_training import train_noise_level
 from recache.protocol import calibration_pairs
 from recache.sampling.pipeline import DigitPipeline
@@ -204,6 +204,22 @@ def test_transfers_place_the_other_settings_elites_by_noise_level_with_the_same_
         assert torch.all(gaps <= spacing), (steps, gaps)
     (wider,) = transferred(grids, 7, elites, setting=0)  # T = 20 to 50: a step of 20 is 2.5 of 50
     assert all(u in (5 * j // 2, (5 * j + 1) // 2) for j, u in enumerate(wider)), wider
+
+
+def test_delta_searches_longer_without_transfers_and_the_flag_removes_them_from_the_proposals():
+    assert (ExpertConfig(mechanism="delta").rounds, ExpertConfig(mechanism="delta").transfers) == (60, False)
+    assert (ExpertConfig(mechanism="hicache").rounds, ExpertConfig(mechanism="hicache").transfers) == (90, True)
+    assert ExpertConfig(mechanism="delta", rounds=5, transfers=True).transfers is True  # explicit settings win
+    grids = [get_sigmas("linear", 20), get_sigmas("shifted:3", 20)]
+    elites = {(1, 5): (0.1, (0, 1, 2, 3, 4))}  # an elite that only a transfer proposes on setting 0
+    elites[0, 5] = (0.2, (0, 4, 8, 12, 16))
+    policy = _random_policy(NoiseLevelConfig(settings=[{"T": 20, "shift": 1.0}, {"T": 20, "shift": 3.0}],
+                                             k_fraction=[0.1, 0.5]))
+    (moved,) = transferred(grids, 5, elites, setting=0)
+    for transfers in (True, False):
+        config = ExpertConfig(mechanism="delta", transfers=transfers, samples=0, neighbours=4)
+        drawn = proposals(policy, grids, 5, elites, 0, set(), config, torch.Generator().manual_seed(0))
+        assert (moved in drawn) is transfers, (transfers, moved, drawn)
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,12 @@ Steps = tuple[int, ...]
 Key = tuple[int, int]  # (setting index, budget)
 
 
-# Rounds by default: delta's cached steps run half the blocks, so its rollouts cost 2.8 times taylorseer's; fewer
-# rounds keep its training near the others' time (ours, measured: docs/recache.md).
-ROUNDS = {"default": 90, "delta": 42}
+# Defaults by mechanism (ours, measured: docs/recache.md). delta's cached steps run half the blocks, so its rollouts
+# cost 2.8 times taylorseer's: fewer rounds keep its training under 10 minutes. Its transfers trapped the large
+# budgets of T = 50 on the linear grid (guard ratio to uniform 0.59 and 0.71 at k = 20 and 25 after 60 rounds with
+# them, 0.37 and 0.51 without), so delta searches without them.
+ROUNDS = {"default": 90, "delta": 60}
+TRANSFERS = {"default": True, "delta": False}
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class ExpertConfig:
     budgets_per_round: int = 8
     samples: int = 6
     neighbours: int = 10
-    transfers: bool = True  # also propose the other settings' elites of the same k, placed by noise level
+    transfers: bool | None = None  # also propose the other settings' elites of the same k, placed by noise level
+    # (None: ``TRANSFERS``)
     window: int = 3
     pairs: int = 8  # calibration pairs of the objective, seeds 0..pairs-1
     screen_pairs: int = 4  # > 0: proposals are first scored on this many of those pairs (0: off) ...
@@ -68,8 +72,9 @@ class ExpertConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.rounds is None:
-            object.__setattr__(self, "rounds", ROUNDS.get(self.mechanism, ROUNDS["default"]))
+        for name, defaults in (("rounds", ROUNDS), ("transfers", TRANSFERS)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults.get(self.mechanism, defaults["default"]))
         for name in ("rounds", "budgets_per_round", "pairs", "final_steps", "hidden"):
             if getattr(self, name) < 1:
                 raise RecacheError(f"{name} must be >= 1, got {getattr(self, name)}")
